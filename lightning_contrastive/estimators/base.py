@@ -1,0 +1,74 @@
+"""The estimator interface: how a meta-gradient is read off a task's inner learning."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lightning_contrastive.inner import InnerSGD, Phase, minimise
+from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.tasks import Params, Split, Task
+
+
+@dataclass(frozen=True)
+class TaskEstimate:
+    """What an estimator makes of one task.
+
+    Attributes:
+        surrogate: a scalar whose gradient with respect to the learner's meta-parameters is this
+            task's meta-gradient estimate (its value has no meaning of its own).
+        adapted: the task's fast parameters after learning its support set (detached).
+        inner_losses: the objective at the end of each inner phase, by phase name (detached).
+    """
+
+    surrogate: Tensor
+    adapted: Params
+    inner_losses: dict[str, Tensor]
+
+
+def detached(params: Params) -> Params:
+    """``sg(params)``: the same values, cut from the graph."""
+    return {name: p.detach() for name, p in params.items()}
+
+
+class Estimator(ABC):
+    """Produces a meta-gradient estimate for one task as a differentiable surrogate.
+
+    Every estimator learns the task with the same inner optimizer, :class:`~lightning_contrastive.inner.InnerSGD`
+    (``inner_lr``, ``inner_momentum``, with identical defaults everywhere), starting from
+    ``learner.init_fast(theta)`` and minimising ``learner.inner_loss`` on the support set.
+    """
+
+    def __init__(self, inner_lr: float = 0.01, inner_momentum: float = 0.9) -> None:
+        self.inner_optimizer = InnerSGD(inner_lr, inner_momentum)
+
+    @property
+    @abstractmethod
+    def adaptation_steps(self) -> int:
+        """How many inner steps :meth:`adapt` takes."""
+
+    def check_learner(self, learner: Learner) -> None:
+        """Raise ``ValueError`` if this estimator is undefined for ``learner``; all are by default."""
+
+    def adapt(self, learner: Learner, meta: Params, support: Split) -> Phase:
+        """Learn a task's support set from the learner's start: ``phi* ~ argmin_phi L_in(phi, theta)``.
+
+        First-order and detached from ``meta``: memory is one forward and backward pass.
+        """
+        frozen = detached(meta)
+        return minimise(
+            lambda fast: learner.inner_loss(fast, frozen, support),
+            learner.init_fast(frozen),
+            self.adaptation_steps,
+            self.inner_optimizer,
+        )
+
+    @abstractmethod
+    def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
+        """This estimator's surrogate for one task; ``meta`` are the live meta-parameters."""
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({settings})"

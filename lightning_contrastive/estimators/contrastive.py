@@ -1,0 +1,92 @@
+"""The contrastive meta-learning rule (Zucchet et al., NeurIPS 2022)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_contrastive.estimators.base import Estimator, TaskEstimate, detached
+from lightning_contrastive.inner import InnerSGD, Phase, check_steps, minimise
+from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.tasks import Params, Task
+
+
+class Contrastive(Estimator):
+    """Two-phase contrastive estimate of the meta-gradient: first-order, constant memory in the steps.
+
+    With the augmented loss ``L_beta(phi, theta) = L_in(phi, theta) + beta L_query(phi, theta)``:
+
+    1. free phase: ``free_steps`` inner steps on ``L_0 = L_in`` from the learner's start give ``phi_0``;
+    2. nudged phase(s): ``nudged_steps`` steps on ``L_beta`` warm-started from ``phi_0`` give ``phi_beta``
+       (and ``phi_-beta`` for the symmetric rule);
+    3. estimate, one-sided: ``g = [dL_beta/dtheta(phi_beta, theta) - dL_0/dtheta(phi_0, theta)] / beta``,
+       symmetric: ``g = [dL_beta/dtheta(phi_beta, theta) - dL_-beta/dtheta(phi_-beta, theta)] / (2 beta)``.
+
+    The surrogate is ``S = [L_beta(sg phi_beta, theta) - L_0(sg phi_0, theta)] / beta`` (symmetric:
+    ``[L_beta(sg phi_beta, theta) - L_-beta(sg phi_-beta, theta)] / (2 beta)``), so ``dS/dtheta = g``
+    and the ``beta dL_query/dtheta`` term carries any direct dependence of the query loss on ``theta``.
+    Bias is O(beta) one-sided and O(beta^2) symmetric, plus O(delta / beta) when the phases are solved
+    only to accuracy ``delta``: a smaller beta needs better-converged phases.
+
+    Cost: ``free_steps + nudged_steps`` (one-sided) or ``free_steps + 2 nudged_steps`` (symmetric)
+    first-order steps, each nudged step also evaluating the query set; memory is that of one forward
+    and backward pass, whatever the number of steps.
+
+    Args:
+        beta: nudging strength, > 0.
+        symmetric: nudge at ``+beta`` and ``-beta`` (lower bias) instead of ``+beta`` only.
+        free_steps: inner steps of the free phase (also the steps of :meth:`adapt`).
+        nudged_steps: inner steps of each nudged phase.
+        inner_lr: learning rate of the free phase.
+        inner_momentum: momentum of every phase.
+        nudged_lr: learning rate of the nudged phases; ``None`` uses ``inner_lr``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        symmetric: bool = True,
+        free_steps: int = 100,
+        nudged_steps: int = 50,
+        inner_lr: float = 0.01,
+        inner_momentum: float = 0.9,
+        nudged_lr: float | None = None,
+    ) -> None:
+        super().__init__(inner_lr, inner_momentum)
+        if isinstance(beta, bool) or not beta > 0:
+            raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")
+        check_steps("free_steps", free_steps)
+        check_steps("nudged_steps", nudged_steps)
+        self.beta = float(beta)
+        self.symmetric = symmetric
+        self.free_steps = free_steps
+        self.nudged_steps = nudged_steps
+        self.nudged_optimizer = InnerSGD(inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
+
+    @property
+    def adaptation_steps(self) -> int:
+        return self.free_steps
+
+    def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
+        frozen = detached(meta)
+
+        def augmented(fast: Params, theta: Params, beta: float) -> Tensor:
+            loss = learner.inner_loss(fast, theta, task.support)
+            return loss + beta * learner.query_loss(fast, theta, task.query) if beta else loss
+
+        def nudged(beta: float) -> Phase:
+            return minimise(
+                lambda fast: augmented(fast, frozen, beta), free.params, self.nudged_steps, self.nudged_optimizer
+            )
+
+        free = self.adapt(learner, meta, task.support)
+        plus = nudged(self.beta)
+        if self.symmetric:
+            minus = nudged(-self.beta)
+            surrogate = (augmented(plus.params, meta, self.beta) - augmented(minus.params, meta, -self.beta)) / (
+                2 * self.beta
+            )
+            inner_losses = {"free": free.loss, "nudged_pos": plus.loss, "nudged_neg": minus.loss}
+        else:
+            surrogate = (augmented(plus.params, meta, self.beta) - augmented(free.params, meta, 0.0)) / self.beta
+            inner_losses = {"free": free.loss, "nudged_pos": plus.loss}
+        return TaskEstimate(surrogate=surrogate, adapted=free.params, inner_losses=inner_losses)

@@ -1,0 +1,6 @@
+"""Learners: what is meta-learned and how a task's fast parameters learn."""
+
+from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.learners.complex_synapse import ComplexSynapse
+
+__all__ = ["ComplexSynapse", "Learner"]

@@ -1,0 +1,115 @@
+"""The learner interface: what is meta-learned, where a task starts, and what it is judged on."""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lightning_contrastive.losses import LossName, check_targets, get_loss
+from lightning_contrastive.tasks import Params, Split, Task
+
+
+class Learner(nn.Module, ABC):
+    """A meta-learnable model, written functionally so that any estimator can drive it.
+
+    A learner owns the meta-parameters ``theta`` (its ``nn.Parameter``\\ s, which the outer optimizer
+    updates) and defines, for one task,
+
+    - where the fast parameters ``phi`` start: :meth:`init_fast` (``theta -> phi_init``),
+    - the inner loss ``L_in(phi, theta; support) = loss(f(x_s; phi, theta), y_s) + R(phi, theta)``
+      (:meth:`inner_loss`, with the regulariser :meth:`regulariser`),
+    - the query loss ``L_query(phi, theta; query) = loss(f(x_q; phi, theta), y_q)`` (:meth:`query_loss`),
+      which may depend on ``theta`` directly through :meth:`predict`.
+
+    All of them take parameters as dicts of tensors and never read or write module state, so an
+    estimator can evaluate them at detached, differentiable or nudged parameters alike.
+    """
+
+    def __init__(self, loss: LossName) -> None:
+        super().__init__()
+        self.loss_name = loss
+        self._loss = get_loss(loss)
+
+    def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The meta-parameters ``theta``, by name: those the estimators differentiate."""
+        return self.named_parameters()
+
+    def meta_parameters(self) -> Params:
+        """:meth:`named_meta_parameters` as a dict, the form the functional methods take."""
+        return dict(self.named_meta_parameters())
+
+    @abstractmethod
+    def init_fast(self, meta: Params) -> Params:
+        """The task's starting fast parameters, as a (differentiable) function of ``meta``."""
+
+    @abstractmethod
+    def predict(self, fast: Params, meta: Params, x: Tensor) -> Tensor:
+        """The network's output on inputs ``x`` of one task under parameters ``fast`` and ``meta``."""
+
+    def regulariser(self, fast: Params, meta: Params) -> Tensor:
+        """``R(phi, theta)``, added to the support loss in the inner problem; none by default."""
+        return next(iter(fast.values())).new_zeros(())
+
+    def initialisations(self) -> dict[str, str]:
+        """Fast-parameter name -> name of the meta-parameter it starts as an exact copy of.
+
+        Reptile moves exactly these meta-parameters toward the adapted fast weights; it is defined
+        only when every meta-parameter appears here.
+        """
+        return {}
+
+    def inner_loss(self, fast: Params, meta: Params, support: Split) -> Tensor:
+        """``L_in = loss(f(x_s), y_s) + R(phi, theta)``."""
+        return self._loss(self.predict(fast, meta, support.x), support.y) + self.regulariser(fast, meta)
+
+    def query_loss(self, fast: Params, meta: Params, query: Split) -> Tensor:
+        """``L_query = loss(f(x_q), y_q)``."""
+        return self._loss(self.predict(fast, meta, query.x), query.y)
+
+    def check_task(self, task: Task, meta: Params) -> None:
+        """Raise ``ValueError`` if ``task``'s targets do not suit this learner's loss and outputs.
+
+        Costs one forward pass per split, run once per task rather than once per inner step.
+        """
+        with torch.no_grad():
+            fast = {name: p.detach() for name, p in self.init_fast(meta).items()}
+            for where, split in (("support set", task.support), ("query set", task.query)):
+                check_targets(self.loss_name, self.predict(fast, meta, split.x), split.y, where)
+
+
+def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:
+    """A parameter-free deep copy of ``module`` for ``functional_call``, and its parameters.
+
+    The copy keeps ``module``'s structure and buffers but no parameters (every call supplies
+    them), so a learner holding it neither duplicates the weights nor exposes them to the outer
+    optimizer; the user's module is never touched.
+    """
+    structure = copy.deepcopy(module)
+    params = {name: p.detach().clone() for name, p in structure.named_parameters()}
+    for submodule in structure.modules():
+        for name in [n for n, p in submodule._parameters.items() if p is not None]:
+            del submodule._parameters[name]  # absent parameters (a Linear's bias=None) stay None
+    return structure, params
+
+
+class ParameterTree(nn.Module):
+    """``nn.Parameter``\\ s stored under dotted names, so that ``named_parameters()`` returns them unchanged.
+
+    ``ParameterTree({"0.weight": w})`` holds ``w`` as parameter ``weight`` of child ``0``; it lets a
+    learner name a meta-parameter after the backbone parameter it belongs to (``omega.0.weight``).
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            *path, leaf = name.split(".")
+            node: nn.Module = self
+            for part in path:
+                if part not in node._modules:
+                    node.add_module(part, nn.Module())
+                node = node._modules[part]  # type: ignore[assignment]
+            node.register_parameter(leaf, nn.Parameter(tensor.detach().clone()))

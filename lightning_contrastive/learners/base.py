@@ -62,6 +62,14 @@ class Learner(nn.Module, ABC):
         """
         return {}
 
+    def as_module(self, fast: Params) -> nn.Module:
+        """A task's adapted network as a standalone module: ``module(x) == predict(fast, theta, x)``.
+
+        The default wraps a frozen copy of this learner with ``fast`` as parameters; learners whose
+        adapted network is a plain copy of a user's module override it to return just that.
+        """
+        return AdaptedNetwork(self, fast)
+
     def inner_loss(self, fast: Params, meta: Params, support: Split) -> Tensor:
         """``L_in = loss(f(x_s), y_s) + R(phi, theta)``."""
         return self._loss(self.predict(fast, meta, support.x), support.y) + self.regulariser(fast, meta)
@@ -113,3 +121,15 @@ class ParameterTree(nn.Module):
                     node.add_module(part, nn.Module())
                 node = node._modules[part]  # type: ignore[assignment]
             node.register_parameter(leaf, nn.Parameter(tensor.detach().clone()))
+
+
+class AdaptedNetwork(nn.Module):
+    """A learner frozen at its current meta-parameters, with one task's fast parameters, as a module."""
+
+    def __init__(self, learner: Learner, fast: Params) -> None:
+        super().__init__()
+        self.learner = copy.deepcopy(learner).requires_grad_(False)
+        self.fast = ParameterTree(fast)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.learner.predict(dict(self.fast.named_parameters()), self.learner.meta_parameters(), x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -70,6 +71,14 @@ class ComplexSynapse(Learner):
     def predict(self, fast: Params, meta: Params, x: Tensor) -> Tensor:
         """``f(x; phi)``: the backbone under the fast weights."""
         return functional_call(self.backbone, fast, (x,))
+
+    def as_module(self, fast: Params) -> nn.Module:
+        """A copy of the backbone carrying the task's fast weights (BatchNorm uses batch statistics)."""
+        network = copy.deepcopy(self.backbone)
+        for name, weight in fast.items():
+            *path, leaf = name.split(".")
+            network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(weight.detach().clone()))
+        return network
 
     def strengths(self, meta: Params) -> dict[str, Tensor | float]:
         """``lambda`` per backbone parameter (the constant ``init_lambda`` when not learned)."""

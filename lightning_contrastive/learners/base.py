@@ -62,6 +62,12 @@ class Learner(nn.Module, ABC):
         """
         return {}
 
+    def after_meta_step(self) -> None:
+        """Restore any constraint on the meta-parameters after an outer optimizer step; none by default.
+
+        (:class:`ComplexSynapse` needs none: its strengths are stored as logarithms.)
+        """
+
     def as_module(self, fast: Params) -> nn.Module:
         """A task's adapted network as a standalone module: ``module(x) == predict(fast, theta, x)``.
 

@@ -78,7 +78,7 @@ def minimise(
     connected to ``start`` and to whatever ``objective`` closes over; memory grows linearly in ``steps``.
     """
     check_steps("steps", steps)
-    params = dict(start) if differentiable else {n: p.detach().requires_grad_() for n, p in start.items()}
+    params = {n: p if differentiable and p.requires_grad else p.detach().requires_grad_() for n, p in start.items()}
     velocity = optimizer.init(params)
     with torch.enable_grad():  # adaptation needs autograd even inside a caller's no_grad block
         for _ in range(steps):

@@ -58,13 +58,14 @@ def estimate(learner: Learner, estimator: Estimator, batch: Mapping[str, Any]) -
     dtype = compute_dtype(learner)
     live = learner.meta_parameters()
     device_type = next(iter(live.values())).device.type
-    with torch.autocast(device_type, enabled=False):
+    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
         meta = {name: p.to(dtype) for name, p in live.items()}
         tasks = [cast_task(task, dtype) for task in tasks]
         for task in tasks:  # every task is checked before any inner loop starts
             learner.check_task(task, meta)
         results = [estimator.task_estimate(learner, meta, task) for task in tasks]
-    return MetaEstimate(surrogate=torch.stack([r.surrogate for r in results]).mean(), tasks=results)
+        surrogate = torch.stack([r.surrogate for r in results]).mean()
+    return MetaEstimate(surrogate=surrogate, tasks=results)
 
 
 def meta_gradient(learner: Learner, estimator: Estimator, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -75,7 +76,8 @@ def meta_gradient(learner: Learner, estimator: Estimator, batch: Mapping[str, An
     """
     named = dict(learner.named_meta_parameters())
     result = estimate(learner, estimator, batch)
-    grads = torch.autograd.grad(result.surrogate, list(named.values()), allow_unused=True)
+    with torch.autocast(result.surrogate.device.type, enabled=False):  # backward in the estimate's precision
+        grads = torch.autograd.grad(result.surrogate, list(named.values()), allow_unused=True)
     return {
         name: torch.zeros_like(p) if g is None else g.to(p.dtype)
         for (name, p), g in zip(named.items(), grads, strict=True)

@@ -1,0 +1,121 @@
+"""``estimate`` and ``meta_gradient``: averaging over tasks, no side effects, precision handling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_contrastive import (
+    MAML,
+    ComplexSynapse,
+    Contrastive,
+    Estimator,
+    FirstOrderMAML,
+    Implicit,
+    Reptile,
+    estimate,
+    meta_gradient,
+)
+
+FEATURES, CLASSES, TASKS = 3, 3, 3
+ESTIMATORS = {
+    "contrastive": Contrastive(beta=0.1, free_steps=6, nudged_steps=4, inner_lr=0.1),
+    "maml": MAML(inner_steps=4, inner_lr=0.1),
+    "first-order-maml": FirstOrderMAML(inner_steps=4, inner_lr=0.1),
+    "implicit": Implicit(inner_steps=6, inner_lr=0.1, cg_steps=5),
+    "reptile": Reptile(inner_steps=4, inner_lr=0.1),
+}
+
+
+def make_learner(learn_lambda: bool = True, dtype: torch.dtype = torch.float64) -> ComplexSynapse:
+    torch.manual_seed(6)
+    network = nn.Sequential(nn.Linear(FEATURES, 5), nn.Tanh(), nn.Linear(5, CLASSES)).to(dtype)
+    return ComplexSynapse(network, loss="cross_entropy", init_lambda=0.5, learn_lambda=learn_lambda)
+
+
+def make_batch(tasks: int = TASKS, dtype: torch.dtype = torch.float64) -> dict[str, tuple[Tensor, Tensor]]:
+    torch.manual_seed(7)
+    return {
+        "train": (torch.randn(tasks, 6, FEATURES, dtype=dtype), torch.randint(0, CLASSES, (tasks, 6))),
+        "test": (torch.randn(tasks, 9, FEATURES, dtype=dtype), torch.randint(0, CLASSES, (tasks, 9))),
+    }
+
+
+def learner_for(estimator: Estimator) -> ComplexSynapse:
+    return make_learner(learn_lambda=not isinstance(estimator, Reptile))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS.values(), ids=ESTIMATORS.keys())
+def test_meta_gradient_changes_no_state(estimator: Estimator) -> None:
+    learner = learner_for(estimator)
+    before = copy.deepcopy(learner.state_dict())
+    gradient = meta_gradient(learner, estimator, make_batch())
+    assert list(gradient) == [name for name, _ in learner.named_meta_parameters()]
+    for name, p in learner.named_meta_parameters():
+        assert p.grad is None, name
+        assert torch.equal(p, before[name]), name
+        assert gradient[name].shape == p.shape and gradient[name].dtype == p.dtype
+    assert any(g.abs().sum() > 0 for g in gradient.values())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS.values(), ids=ESTIMATORS.keys())
+def test_meta_gradient_is_the_gradient_of_the_surrogate(estimator: Estimator) -> None:
+    """What Lightning's automatic optimization puts in ``.grad`` from ``estimate(...).surrogate.backward()``."""
+    learner, batch = learner_for(estimator), make_batch()
+    expected = meta_gradient(learner, estimator, batch)
+    estimate(learner, estimator, batch).surrogate.backward()
+    backward = {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in learner.named_meta_parameters()}
+    torch.testing.assert_close(backward, expected)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS.values(), ids=ESTIMATORS.keys())
+def test_meta_gradient_averages_the_tasks(estimator: Estimator) -> None:
+    learner, batch = learner_for(estimator), make_batch()
+    per_task = [
+        meta_gradient(learner, estimator, {key: (x[i : i + 1], y[i : i + 1]) for key, (x, y) in batch.items()})
+        for i in range(TASKS)
+    ]
+    mean = {name: torch.stack([task[name] for task in per_task]).mean(0) for name in per_task[0]}
+    torch.testing.assert_close(meta_gradient(learner, estimator, batch), mean, rtol=1e-12, atol=1e-14)
+
+
+def test_estimate_reports_each_tasks_adaptation() -> None:
+    learner = make_learner()
+    result = estimate(learner, ESTIMATORS["contrastive"], make_batch())
+    assert result.surrogate.shape == ()
+    assert len(result.tasks) == TASKS
+    for task in result.tasks:
+        assert set(task.adapted) == set(learner.fast_names)
+        assert all(not p.requires_grad for p in task.adapted.values())
+        assert set(task.inner_losses) == {"free", "nudged_pos", "nudged_neg"}
+
+
+def test_meta_parameters_an_estimator_leaves_alone_get_zeros() -> None:
+    learner = make_learner()
+    gradient = meta_gradient(learner, ESTIMATORS["first-order-maml"], make_batch())
+    for name, p in learner.named_meta_parameters():
+        if name.startswith("lambda."):
+            assert torch.equal(gradient[name], torch.zeros_like(p)), name
+        else:
+            assert gradient[name].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS.values(), ids=ESTIMATORS.keys())
+def test_autocast_does_not_change_the_meta_gradient(estimator: Estimator) -> None:
+    learner, batch = make_learner(not isinstance(estimator, Reptile), torch.float32), make_batch(dtype=torch.float32)
+    expected = meta_gradient(learner, estimator, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = meta_gradient(learner, estimator, batch)
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-6, atol=1e-8)  # dtypes included
+
+
+def test_meta_gradient_works_inside_no_grad() -> None:
+    """Lightning validates under ``torch.no_grad``; adaptation already re-enables autograd, the surrogate should too."""
+    learner, batch, estimator = make_learner(), make_batch(), ESTIMATORS["contrastive"]
+    expected = meta_gradient(learner, estimator, batch)
+    with torch.no_grad():
+        gradient = meta_gradient(learner, estimator, batch)
+    torch.testing.assert_close(gradient, expected)

@@ -2,7 +2,7 @@
 
 from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
 from lightning_contrastive.inner import InnerSGD
-from lightning_contrastive.learners import ComplexSynapse, Learner
+from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.meta_gradient import MetaEstimate, estimate, meta_gradient
 from lightning_contrastive.tasks import Split, Task, split_batch
 
@@ -10,6 +10,7 @@ __all__ = [
     "MAML",
     "ComplexSynapse",
     "Contrastive",
+    "DualSystem",
     "Estimator",
     "FirstOrderMAML",
     "Implicit",

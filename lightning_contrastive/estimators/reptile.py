@@ -26,7 +26,8 @@ class Reptile(_InnerStepsEstimator):
             raise ValueError(
                 f"Reptile is defined only for meta-parameters that are initialisations of fast weights, but "
                 f"{type(learner).__name__} also meta-learns {shown}, which no fast weight starts from. "
-                "Use another estimator, or stop learning those (e.g. ComplexSynapse(learn_lambda=False))."
+                "Use Contrastive, MAML, FirstOrderMAML or Implicit instead (for ComplexSynapse, "
+                "learn_lambda=False also makes Reptile valid)."
             )
 
     def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:

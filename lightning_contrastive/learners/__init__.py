@@ -2,5 +2,6 @@
 
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.learners.complex_synapse import ComplexSynapse
+from lightning_contrastive.learners.dual_system import DualSystem
 
-__all__ = ["ComplexSynapse", "Learner"]
+__all__ = ["ComplexSynapse", "DualSystem", "Learner"]

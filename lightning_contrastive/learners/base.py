@@ -110,6 +110,17 @@ def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:
     return structure, params
 
 
+def use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm layer of ``module`` normalise with the statistics of the batch at hand,
+    in training and evaluation alike, and track no running statistics (transductive, as in MAML)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.track_running_stats = False
+            layer.running_mean = None
+            layer.running_var = None
+            layer.num_batches_tracked = None
+
+
 class ParameterTree(nn.Module):
     """``nn.Parameter``\\ s stored under dotted names, so that ``named_parameters()`` returns them unchanged.
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_contrastive.learners.base import Learner, ParameterTree, functional_copy
+from lightning_contrastive.learners.base import Learner, ParameterTree, functional_copy, use_batch_statistics
 from lightning_contrastive.losses import LossName
 from lightning_contrastive.tasks import Params
 
@@ -55,7 +55,7 @@ class ComplexSynapse(Learner):
                 f"init_lambda must be > 0 (it is the strength pulling fast weights to omega); got {init_lambda}."
             )
         self.backbone, weights = functional_copy(backbone)
-        _use_batch_statistics(self.backbone)
+        use_batch_statistics(self.backbone)
         self.fast_names = tuple(weights)
         self.init_lambda = float(init_lambda)
         self.learn_lambda = learn_lambda
@@ -96,13 +96,3 @@ class ComplexSynapse(Learner):
     def initialisations(self) -> dict[str, str]:
         """Every fast weight starts as a copy of its ``omega``."""
         return {name: f"omega.{name}" for name in self.fast_names}
-
-
-def _use_batch_statistics(module: nn.Module) -> None:
-    """Make every BatchNorm layer of ``module`` normalise with batch statistics and track none."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.track_running_stats = False
-            layer.running_mean = None
-            layer.running_var = None
-            layer.num_batches_tracked = None

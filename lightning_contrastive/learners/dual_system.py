@@ -1,0 +1,287 @@
+"""The dual system: a slow primary network modulated by a fast system that learns each task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_contrastive.learners.base import Learner, ParameterTree, functional_copy, use_batch_statistics
+from lightning_contrastive.losses import LossName
+from lightning_contrastive.tasks import Params
+
+ModulatorKind = Literal["per_neuron", "network"]
+
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layers whose output units (features, or channels for convolutions) the fast system modulates."""
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # every BatchNorm and InstanceNorm, SyncBatchNorm included
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # torch >= 2.4
+)
+"""Normalisation layers: a weight layer's modulation moves after the last of these that follows it."""
+
+
+@dataclass(frozen=True)
+class ModulatedLayer:
+    """A hidden weight layer of the primary network and where its modulation is applied.
+
+    Attributes:
+        layer: the weight layer's name in the primary network (also the key of its gain and shift).
+        site: the module whose output is modulated: the last normalisation layer between ``layer`` and
+            the next weight layer, or ``layer`` itself when there is none.
+        units: output features (``Linear``) or channels (convolutions): one gain and one shift each.
+        trailing_dims: dimensions after the unit dimension in the site's output (0 for ``Linear``,
+            the spatial dimensions for convolutions), over which a unit's gain and shift are shared.
+    """
+
+    layer: str
+    site: str
+    units: int
+    trailing_dims: int
+
+
+class DualSystem(Learner):
+    """A primary network whose weights are slow meta-parameters, modulated per task by a fast system.
+
+    Each hidden unit ``i`` of the primary network (each channel of a convolution) gets a fast gain
+    ``g_i`` and shift ``s_i``, applied after any normalisation layer (which would otherwise cancel them),
+
+        ``h = act(g * norm(W x + b) + s)``,
+
+    and the primary's last weight layer is replaced by a fast readout ``(V, c)``. The fast system
+    ``m = (g, s, V, c)`` learns each task in the inner loop under
+
+        ``L_in(m, theta) = loss(f(x_s; m, W), y_s) + pull / 2 ||m - m0||^2``,
+
+    while the primary weights ``W`` (every parameter of the primary except its last layer, normalisation
+    affines included) are changed only by the meta-update. The query loss ``loss(f(x_q; m, W), y_q)``
+    depends on ``W`` directly, which the contrastive rule's ``beta dL_query/dtheta`` term carries.
+
+    Where the fast parts start (``m0``, meta-parameters ``init.<fast name>``):
+
+    - gains ``gain.<layer>`` at 1 and shifts ``shift.<layer>`` at 0, so a task starts from the
+      unmodulated primary network;
+    - the readout ``readout.weight`` / ``readout.bias`` at the primary's last layer's weights;
+
+    all of them then meta-learned. With ``modulator="network"`` the fast variable is instead a task code
+    ``code`` (starting at ``init.code = 0``) that a linear map, the modulator (meta-parameters
+    ``modulator.weight``, ``modulator.bias``), turns into every gain and shift:
+    ``(g, s) = A code + a``, with ``a`` starting at (1, 0) so a zero code leaves the primary unchanged.
+    A linear map (as CAVIA maps its context parameters to FiLM gains and shifts) makes the modulations a
+    learned ``code_size``-dimensional affine subspace of the per-neuron ones: fewer fast variables per
+    task, and no nonlinearity added to the inner problem.
+
+    The pull: without it (``pull=0``) the inner loss does not depend on ``m0``, so the contrastive rule
+    (like implicit differentiation) gives ``m0`` no meta-gradient: ``meta_gradient`` reports it as
+    exactly zero, and only estimators that differentiate through the start (``MAML``,
+    ``FirstOrderMAML``) learn it. Without the pull the inner problem is also badly conditioned (the
+    readout and the gains trade off freely) and the symmetric rule's ``-beta`` phase, which
+    pushes the query loss up, can diverge: keep ``pull > 0`` for the contrastive rule, large enough to
+    outweigh ``beta`` times the query loss's curvature (on sinusoid regression with ``beta = 0.1``,
+    ``pull = 0.1`` let the ``-beta`` phase diverge within 400 meta-steps; 0.5 and 1 did not).
+
+    How layers are found: the primary's modules are visited in ``named_modules()`` order, which must be
+    the order its forward pass applies them (true for ``nn.Sequential`` and for any module that
+    registers its layers in the order it uses them). ``Linear`` and ``Conv1d/2d/3d`` layers are weight
+    layers: the last one is the readout and every other one is modulated. A normalisation layer
+    (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm) moves the modulation of
+    the weight layer before it to its own output. Parameter-free layers (activations, pooling,
+    ``Flatten``, dropout) are passed through; any other layer with parameters raises ``ValueError``.
+    Normalisation written as a function inside a custom ``forward`` is invisible to this search.
+
+    Implementation: a parameter-free copy of the primary is run with ``torch.func.functional_call``,
+    the modulation added by forward hooks registered for that call only (hooks, rather than re-running
+    a layer list, so that any module whose layers can be found works, not only ``nn.Sequential``). It
+    works under double backward (MAML) and ``torch.func`` transforms and never touches the user's
+    module, whose weights are copied at construction (read the trained ones from ``primary.*`` or
+    :meth:`as_module`).
+    BatchNorm layers always normalise with the statistics of the batch they are given, as in
+    :class:`~lightning_contrastive.learners.ComplexSynapse`.
+
+    Cost: one forward pass of the primary per prediction plus an elementwise gain and shift per
+    modulated layer (and a ``code_size x 2U`` matrix-vector product for the network modulator, ``U``
+    the number of modulated units); the fast system has ``2U`` (or ``code_size``) variables plus the
+    readout's.
+
+    Args:
+        primary: the primary network, built from the layers above; its last weight layer is the readout.
+        loss: ``"cross_entropy"`` (integer labels) or ``"mse"`` (regression targets).
+        pull: strength of the pull of every fast parameter toward its learned start, >= 0.
+        modulator: ``"per_neuron"`` (a fast gain and shift per unit) or ``"network"`` (a fast task
+            code mapped to every gain and shift by a learned linear modulator).
+        code_size: length of the task code; required for ``modulator="network"``, not accepted otherwise.
+    """
+
+    def __init__(
+        self,
+        primary: nn.Module,
+        loss: LossName = "cross_entropy",
+        pull: float = 0.5,
+        modulator: ModulatorKind = "per_neuron",
+        code_size: int | None = None,
+    ) -> None:
+        super().__init__(loss)
+        if isinstance(pull, bool) or not pull >= 0:
+            raise ValueError(
+                f"pull must be >= 0 (the strength pulling fast parameters toward their learned start); got {pull!r}."
+            )
+        _check_modulator(modulator, code_size)
+        self.pull = float(pull)
+        self.modulator_kind = modulator
+        self.code_size = code_size
+        self.modulated, self.readout_layer = find_layers(primary)
+        self.network, weights = functional_copy(primary)
+        use_batch_statistics(self.network)
+        readout_prefix = f"{self.readout_layer}."
+        self.readout_names = {
+            f"readout.{name.removeprefix(readout_prefix)}": name for name in weights if name.startswith(readout_prefix)
+        }
+        self.primary = ParameterTree({name: w for name, w in weights.items() if not name.startswith(readout_prefix)})
+        like = weights[next(iter(self.readout_names.values()))]
+        units = sum(block.units for block in self.modulated)
+        starts: Params = {}
+        if modulator == "network":
+            starts["code"] = like.new_zeros(code_size)  # type: ignore[arg-type]
+            self.modulator = nn.Linear(code_size, 2 * units, device=like.device, dtype=like.dtype)  # type: ignore[arg-type]
+            with torch.no_grad():
+                self.modulator.bias.copy_(torch.cat([like.new_ones(units), like.new_zeros(units)]))
+        else:
+            for block in self.modulated:
+                starts[f"gain.{block.layer}"] = like.new_ones(block.units)
+                starts[f"shift.{block.layer}"] = like.new_zeros(block.units)
+        starts |= {fast: weights[name] for fast, name in self.readout_names.items()}
+        self.fast_names = tuple(starts)
+        self.init = ParameterTree(starts)
+
+    def init_fast(self, meta: Params) -> Params:
+        """``m = m0``: every fast parameter starts at its ``init.*`` meta-parameter."""
+        return {name: meta[f"init.{name}"] for name in self.fast_names}
+
+    def modulations(self, fast: Params, meta: Params) -> dict[str, tuple[Tensor, Tensor]]:
+        """The gain and shift of every modulated layer, by layer name, each of shape ``(units,)``."""
+        if self.modulator_kind == "per_neuron":
+            return {
+                block.layer: (fast[f"gain.{block.layer}"], fast[f"shift.{block.layer}"]) for block in self.modulated
+            }
+        sizes = [block.units for block in self.modulated]
+        modulation = F.linear(fast["code"], meta["modulator.weight"], meta["modulator.bias"])
+        gains, shifts = (half.split(sizes) for half in modulation.chunk(2))
+        return {block.layer: (g, s) for block, g, s in zip(self.modulated, gains, shifts, strict=True)}
+
+    def predict(self, fast: Params, meta: Params, x: Tensor) -> Tensor:
+        """The primary network under slow weights ``primary.*``, modulated by ``fast``, with the fast readout."""
+        weights = {name.removeprefix("primary."): w for name, w in meta.items() if name.startswith("primary.")}
+        weights |= {name: fast[readout] for readout, name in self.readout_names.items()}
+        with self._modulated(self.modulations(fast, meta)):
+            return functional_call(self.network, weights, (x,))
+
+    def regulariser(self, fast: Params, meta: Params) -> Tensor:
+        """``R = pull / 2 ||m - m0||^2`` over every fast parameter, readout included."""
+        if not self.pull:
+            return super().regulariser(fast, meta)
+        return 0.5 * self.pull * sum((fast[name] - meta[f"init.{name}"]).square().sum() for name in self.fast_names)  # type: ignore[return-value]
+
+    def initialisations(self) -> dict[str, str]:
+        """Every fast parameter starts as a copy of its ``init.*``; the ``primary.*`` weights start nothing."""
+        return {name: f"init.{name}" for name in self.fast_names}
+
+    @contextmanager
+    def _modulated(self, modulations: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+        """Apply ``modulations`` at their sites for the duration of one call on the network copy."""
+        handles = []
+        try:
+            for block in self.modulated:
+                gain, shift = (t.view(block.units, *[1] * block.trailing_dims) for t in modulations[block.layer])
+                handles.append(
+                    self.network.get_submodule(block.site).register_forward_hook(_gain_and_shift(gain, shift))
+                )
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def find_layers(primary: nn.Module) -> tuple[tuple[ModulatedLayer, ...], str]:
+    """The primary network's modulated layers and the name of its readout (its last weight layer).
+
+    Raises:
+        ValueError: naming the layer, for a layer with parameters that is neither a weight layer nor a
+            normalisation layer, for uninitialised (lazy) parameters, or when there is no hidden
+            weight layer before the readout.
+    """
+    supported = (
+        f"supported are {', '.join(t.__name__ for t in WEIGHT_LAYERS)} (modulated; the last one is the readout), "
+        "normalisation layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm; the "
+        "modulation goes after them) and layers without parameters"
+    )
+    layers: list[tuple[str, nn.Module]] = []
+    sites: dict[str, str] = {}
+    for name, module in primary.named_modules():
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+            raise ValueError(
+                f"DualSystem: layer {_describe(name, module)} has uninitialised (lazy) parameters; run one forward "
+                "pass through the primary network before wrapping it."
+            )
+        if isinstance(module, WEIGHT_LAYERS):
+            layers.append((name, module))
+            sites[name] = name
+        elif isinstance(module, NORM_LAYERS):
+            if layers:
+                sites[layers[-1][0]] = name
+        elif next(module.parameters(recurse=False), None) is not None:
+            raise ValueError(f"DualSystem cannot modulate layer {_describe(name, module)}: {supported}.")
+    if len(layers) < 2:
+        found = f"only the readout {_describe(*layers[0])}" if layers else "no weight layer"
+        raise ValueError(
+            f"DualSystem needs a primary network with at least one hidden layer to modulate before its readout, "
+            f"but found {found}; {supported}."
+        )
+    *hidden, (readout, _) = layers
+    modulated = tuple(
+        ModulatedLayer(
+            layer=name,
+            site=sites[name],
+            units=module.out_features if isinstance(module, nn.Linear) else module.out_channels,
+            trailing_dims=0 if isinstance(module, nn.Linear) else len(module.kernel_size),
+        )
+        for name, module in hidden
+    )
+    return modulated, readout
+
+
+def _gain_and_shift(gain: Tensor, shift: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
+    """A forward hook replacing a module's output ``h`` by ``gain * h + shift``."""
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return gain * output + shift
+
+    return hook
+
+
+def _describe(name: str, module: nn.Module) -> str:
+    return f"{name!r} ({type(module).__name__})" if name else f"(the primary network itself, {type(module).__name__})"
+
+
+def _check_modulator(modulator: str, code_size: int | None) -> None:
+    if modulator not in ("per_neuron", "network"):
+        raise ValueError(f"modulator must be 'per_neuron' or 'network'; got {modulator!r}.")
+    if modulator == "per_neuron" and code_size is not None:
+        raise ValueError(
+            f"code_size={code_size!r} applies only to modulator='network'; leave it unset for 'per_neuron', "
+            "whose fast variables are the gains and shifts themselves."
+        )
+    if modulator == "network" and (isinstance(code_size, bool) or not isinstance(code_size, int) or code_size < 1):
+        raise ValueError(
+            f"modulator='network' needs code_size, the length of the fast task code, as an integer >= 1; "
+            f"got {code_size!r}."
+        )

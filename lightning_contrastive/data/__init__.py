@@ -1,0 +1,14 @@
+"""Episodic data modules that yield torchmeta-format batches ``{"train": (x, y), "test": (x, y)}``."""
+
+from lightning_contrastive.data.episodic import ClassificationTasks, EpisodeSampler, EpisodicDataModule, collate_episodes
+from lightning_contrastive.data.omniglot import OmniglotDataModule, download_omniglot, read_omniglot
+
+__all__ = [
+    "ClassificationTasks",
+    "EpisodeSampler",
+    "EpisodicDataModule",
+    "OmniglotDataModule",
+    "collate_episodes",
+    "download_omniglot",
+    "read_omniglot",
+]

@@ -4,6 +4,7 @@ from lightning_contrastive.estimators import MAML, Contrastive, Estimator, First
 from lightning_contrastive.inner import InnerSGD
 from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.meta_gradient import MetaEstimate, estimate, meta_gradient
+from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.tasks import Split, Task, split_batch
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "InnerSGD",
     "Learner",
     "MetaEstimate",
+    "MetaLearningModule",
     "Reptile",
     "Split",
     "Task",

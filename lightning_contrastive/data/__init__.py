@@ -1,13 +1,21 @@
 """Episodic data modules that yield torchmeta-format batches ``{"train": (x, y), "test": (x, y)}``."""
 
-from lightning_contrastive.data.episodic import ClassificationTasks, EpisodeSampler, EpisodicDataModule, collate_episodes
+from lightning_contrastive.data.episodic import (
+    ClassificationTasks,
+    EpisodeSampler,
+    EpisodicDataModule,
+    collate_episodes,
+)
 from lightning_contrastive.data.omniglot import OmniglotDataModule, download_omniglot, read_omniglot
+from lightning_contrastive.data.sinusoid import SinusoidDataModule, SinusoidTasks
 
 __all__ = [
     "ClassificationTasks",
     "EpisodeSampler",
     "EpisodicDataModule",
     "OmniglotDataModule",
+    "SinusoidDataModule",
+    "SinusoidTasks",
     "collate_episodes",
     "download_omniglot",
     "read_omniglot",

@@ -1,0 +1,271 @@
+"""The LightningModule that meta-trains any learner with any meta-gradient estimator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities import apply_to_collection
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_contrastive.estimators.base import Estimator
+from lightning_contrastive.evaluation import EpisodeMetrics
+from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.meta_gradient import cast_task, compute_dtype, estimate
+from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
+from lightning_contrastive.tasks import Params, Task, split_batch
+
+
+class MetaLearningModule(pl.LightningModule):
+    """Meta-trains ``learner`` with the meta-gradients of ``estimator``, inside Lightning's automatic optimization.
+
+    Batches are torchmeta-format episodes ``{"train": (x, y), "test": (x, y)}`` with a leading task
+    dimension: ``"train"`` is each task's support set, ``"test"`` its query set.
+
+    **Where the estimate enters.** :meth:`training_step` returns ``estimate(learner, estimator, batch).surrogate``,
+    the tasks' mean surrogate, whose gradient with respect to the learner's meta-parameters is the
+    estimated meta-gradient ``g`` (for the contrastive rule the surrogate is
+    ``[L_beta(sg phi_beta, theta) - L_0(sg phi_0, theta)] / beta``; its value is meaningless, its gradient is ``g``).
+    Lightning then treats it like any loss: the precision plugin scales it, ``backward`` writes ``g`` into
+    ``.grad`` (divided by ``accumulate_grad_batches`` and summed over the accumulated batches), DDP
+    all-reduces it, ``gradient_clip_val`` clips it, ``on_before_optimizer_step`` callbacks see it, and the
+    outer optimizer steps on it, followed by any LR scheduler. No second-order graph is built unless the
+    estimator itself needs one (MAML). :meth:`optimizer_step` then calls ``learner.after_meta_step()``, the
+    learner's chance to restore constraints on its meta-parameters.
+
+    **Evaluation.** Validation and test adapt to each task's support set with ``estimator.adapt`` and
+    score the query set; they log the mean over all evaluation episodes and its 95% confidence interval
+    (``val/query_loss``, ``val/query_loss_ci95``, and ``val/accuracy``, ``val/accuracy_ci95`` for
+    classification; ``test/...`` alike). Adaptation needs autograd, which is re-enabled locally, so the
+    default ``Trainer()`` (evaluation under ``torch.inference_mode``) works unchanged.
+
+    **Checkpoints.** Under ``LightningCLI`` the hyperparameters saved are the parsed configuration
+    (``class_path``/``init_args`` of learner, estimator, optimizer and scheduler), so
+    ``MetaLearningModule.load_from_checkpoint(path)`` rebuilds the module by itself. Objects built in
+    Python (modules, estimator instances, optimizer callables, which may be lambdas) are not stored in the
+    checkpoint; pass them again: ``load_from_checkpoint(path, learner=..., estimator=...)``.
+
+    Args:
+        learner: what is meta-learned, e.g. :class:`~lightning_contrastive.ComplexSynapse`.
+        estimator: how its meta-gradient is estimated, e.g. :class:`~lightning_contrastive.Contrastive`.
+        optimizer: builds the outer optimizer from the meta-parameters (default ``torch.optim.Adam``, lr 1e-3).
+        lr_scheduler: builds an LR scheduler from the outer optimizer; none by default.
+        lr_scheduler_interval: step the scheduler after every meta-step (``"step"``, the unit in which
+            meta-training is usually measured) or after every training epoch (``"epoch"``). A
+            ``ReduceLROnPlateau`` scheduler monitors ``val/query_loss``.
+    """
+
+    def __init__(
+        self,
+        learner: Learner,
+        estimator: Estimator,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__()
+        if not isinstance(learner, Learner):
+            raise ValueError(f"learner must be a lightning_contrastive Learner; got {type(learner).__name__}.")
+        if not isinstance(estimator, Estimator):
+            raise ValueError(f"estimator must be a lightning_contrastive Estimator; got {type(estimator).__name__}.")
+        estimator.check_learner(learner)  # e.g. Reptile with learned strengths: fail now, not at the first batch
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f'lr_scheduler_interval must be "step" or "epoch"; got {lr_scheduler_interval!r}.')
+        self.save_hyperparameters(
+            ignore=[] if _built_by_lightning_cli() else ["learner", "estimator", "optimizer", "lr_scheduler"]
+        )
+        self.learner = learner
+        self.estimator = estimator
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.classification = learner.loss_name == "cross_entropy"
+        self.val_episodes = EpisodeMetrics()
+        self.test_episodes = EpisodeMetrics()
+
+    # ---------------------------------------------------------------- the estimate, outside Lightning
+    def meta_gradient(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The estimator's meta-gradient on ``batch``, keyed like ``learner.named_meta_parameters()``.
+
+        Needs no Trainer and changes no state (no ``.grad`` is written). The update Lightning applies
+        after one training step with SGD and no clipping is ``-lr`` times this.
+        """
+        with _autograd_enabled(self.device.type):
+            return estimated_meta_gradient(self.learner, self.estimator, _plain_tensors(batch))
+
+    def adapt(self, x_support: Tensor, y_support: Tensor) -> nn.Module:
+        """Adapt to one task's support set; returns a plain ``nn.Module`` carrying the task's adapted weights.
+
+        ``x_support`` is ``(examples, *features)`` and ``y_support`` ``(examples,)`` class labels or
+        ``(examples, out_dim)`` targets, without a task dimension. The module computes
+        ``learner.predict(phi*, theta, x)`` with ``phi* = estimator.adapt(...)`` and is independent of this
+        module (later meta-updates do not change it). Works under ``torch.no_grad`` and ``inference_mode``.
+        """
+        if x_support.dim() < 2 or y_support.dim() < 1:
+            raise ValueError(
+                f"adapt takes one task's support set, x (examples, *features) and y (examples[, out_dim]); got "
+                f"x {tuple(x_support.shape)} and y {tuple(y_support.shape)}."
+            )
+        support = (x_support.unsqueeze(0), y_support.unsqueeze(0))
+        _, (fast,) = self._adapt_each({"train": support, "test": support})  # the query set is not used
+        return self.learner.as_module(fast)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Return the estimator's surrogate for ``batch``; Lightning's backward turns it into the meta-gradient.
+
+        Logs the mean over the batch's tasks of the query loss after adaptation (``train/query_loss``,
+        ``train/accuracy``) and of each inner phase's final objective (``inner/free``, ``inner/nudged_pos``, ...).
+        """
+        result = estimate(self.learner, self.estimator, batch)
+        tasks = self._tasks(batch)
+        per_episode = self._query_metrics(tasks, [task.adapted for task in result.tasks])
+        inner_losses = {
+            f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
+            for phase in result.tasks[0].inner_losses
+        }
+        self.log("train/query_loss", per_episode.pop("query_loss").mean(), prog_bar=True, batch_size=len(tasks))
+        self.log_dict({f"train/{name}": values.mean() for name, values in per_episode.items()}, batch_size=len(tasks))
+        self.log_dict(inner_losses, batch_size=len(tasks))
+        return result.surrogate
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Optimizer | LightningOptimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """Step the outer optimizer on the accumulated, clipped meta-gradient, then ``learner.after_meta_step()``."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.learner.after_meta_step()
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        optimizer = self.optimizer_factory([p for _, p in self.learner.named_meta_parameters()])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = {
+            "scheduler": self.lr_scheduler_factory(optimizer),
+            "interval": self.lr_scheduler_interval,
+            "monitor": "val/query_loss",
+        }
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ---------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self) -> None:
+        self.val_episodes.reset()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Adapt to each task's support set and record its query loss (and accuracy) per episode."""
+        self.val_episodes.update(**self._evaluate(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_summary("val", self.val_episodes)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_episodes.reset()
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """As :meth:`validation_step`, for the test episodes."""
+        self.test_episodes.update(**self._evaluate(batch))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_summary("test", self.test_episodes)
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Adapt to each task's support set and predict its query inputs: ``(tasks, query examples, outputs)``.
+
+        The query targets are not used (any placeholder of the right shape will do).
+        """
+        tasks, adapted = self._adapt_each(batch)
+        meta = self._frozen_meta()
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            return torch.stack(
+                [self.learner.predict(fast, meta, task.query.x) for task, fast in zip(tasks, adapted, strict=True)]
+            )
+
+    # ---------------------------------------------------------------- helpers
+    def _frozen_meta(self) -> Params:
+        """The meta-parameters, detached and in the estimators' compute dtype."""
+        dtype = compute_dtype(self.learner)
+        return {name: p.detach().to(dtype) for name, p in self.learner.named_meta_parameters()}
+
+    def _tasks(self, batch: Mapping[str, Any]) -> list[Task]:
+        """``batch`` split into tasks (``ValueError`` if malformed), cast to the estimators' compute dtype."""
+        dtype = compute_dtype(self.learner)
+        return [cast_task(task, dtype) for task in split_batch(batch)]
+
+    def _checked_tasks(self, batch: Mapping[str, Any]) -> list[Task]:
+        """:meth:`_tasks`, with every task's targets checked against the learner's loss (``ValueError``)."""
+        tasks = self._tasks(batch)
+        meta = self._frozen_meta()
+        for task in tasks:
+            self.learner.check_task(task, meta)
+        return tasks
+
+    def _query_metrics(self, tasks: list[Task], adapted: list[Params]) -> dict[str, Tensor]:
+        """Per-episode query loss (and accuracy for classification) at each task's adapted fast parameters."""
+        meta = self._frozen_meta()
+        losses, accuracies = [], []
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            for task, fast in zip(tasks, adapted, strict=True):
+                losses.append(self.learner.query_loss(fast, meta, task.query))
+                if self.classification:
+                    prediction = self.learner.predict(fast, meta, task.query.x)
+                    accuracies.append((prediction.argmax(-1) == task.query.y).float().mean())
+        metrics = {"query_loss": torch.stack(losses)}
+        if self.classification:
+            metrics["accuracy"] = torch.stack(accuracies)
+        return metrics
+
+    def _adapt_each(self, batch: Mapping[str, Any]) -> tuple[list[Task], list[Params]]:
+        """Every task of ``batch`` (checked and cast) and its fast parameters after ``estimator.adapt``.
+
+        Runs with autograd re-enabled on copies of the batch's tensors, so it works under ``no_grad`` and
+        ``inference_mode`` alike.
+        """
+        with _autograd_enabled(self.device.type):
+            tasks = self._checked_tasks(_plain_tensors(batch))
+            meta = self._frozen_meta()
+            return tasks, [self.estimator.adapt(self.learner, meta, task.support).params for task in tasks]
+
+    def _evaluate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Adapt to every task of ``batch`` and return its per-episode query metrics."""
+        return self._query_metrics(*self._adapt_each(batch))
+
+    def _log_summary(self, stage: str, episodes: EpisodeMetrics) -> None:
+        """Log mean and 95% CI of every per-episode metric, over all ranks' episodes."""
+        summary = episodes.summary(gather=self.all_gather)
+        self.log(f"{stage}/query_loss", summary.pop("query_loss"), prog_bar=True)
+        self.log_dict({f"{stage}/{name}": value for name, value in summary.items()})
+
+
+def _built_by_lightning_cli() -> bool:
+    """Whether ``LightningCLI`` is instantiating the module, handing ``save_hyperparameters`` its parsed config.
+
+    Lightning exposes this only through a context variable, read here rather than guessed from the arguments.
+    """
+    return _given_hyperparameters.get() is not None
+
+
+@contextmanager
+def _autograd_enabled(device_type: str) -> Iterator[None]:
+    """Autograd on (even inside ``no_grad`` or ``inference_mode``) and autocast off, for inner-loop adaptation."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        yield
+
+
+def _plain_tensors(batch: Any) -> Any:
+    """Copies of ``batch``'s tensors usable by autograd: tensors created under ``inference_mode`` are not.
+
+    Call inside :func:`_autograd_enabled`.
+    """
+    return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)

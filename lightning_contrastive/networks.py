@@ -1,0 +1,78 @@
+"""The standard few-shot backbones: the sinusoid MLP and the Conv4 image classifier.
+
+Plain ``nn.Module``\\ s with nothing meta-learning-specific in them: a learner such as
+:class:`~lightning_contrastive.ComplexSynapse` wraps either one (or any other module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """A fully connected ReLU network, ``in_features -> hidden[0] -> ... -> out_features``.
+
+    The default is the 1-40-40-1 regressor of the sinusoid benchmark (Finn et al., 2017).
+
+    Args:
+        in_features: input dimension.
+        hidden: width of each hidden layer, in order (empty for a linear model).
+        out_features: output dimension.
+    """
+
+    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
+        super().__init__()
+        widths = [in_features, *hidden, out_features]
+        if any(isinstance(width, bool) or not isinstance(width, int) or width < 1 for width in widths):
+            raise ValueError(
+                f"Layer widths must be integers >= 1; got in {in_features}, hidden {hidden}, out {out_features}."
+            )
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in pairwise(widths[:-1]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        layers.append(nn.Linear(widths[-2], widths[-1]))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in_features) -> (..., out_features)``."""
+        return self.layers(x)
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional backbone of few-shot classification (Vinyals et al., 2016; Finn et al., 2017).
+
+    Each block is conv 3x3 (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool, so a square image of side
+    ``s`` leaves the fourth block at side ``s // 16`` (28 -> 1 on Omniglot, 84 -> 5 on miniImageNet);
+    a linear head maps the flattened features to ``ways`` logits.
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for miniImageNet).
+        ways: number of classes per task, the width of the head.
+        channels: feature maps per block (64 on Omniglot, 32 on miniImageNet in the reference setups).
+        image_size: side of the square input images, in pixels (at least 16).
+    """
+
+    def __init__(self, in_channels: int = 1, ways: int = 5, channels: int = 64, image_size: int = 28) -> None:
+        super().__init__()
+        if image_size < 16:
+            raise ValueError(
+                f"Conv4 halves the image four times, so image_size must be >= 16; got {image_size}. "
+                "Resize the images or use a shallower backbone."
+            )
+        blocks: list[nn.Module] = []
+        for block_in in (in_channels, channels, channels, channels):
+            blocks += [
+                nn.Conv2d(block_in, channels, kernel_size=3, padding=1),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Linear(channels * (image_size // 16) ** 2, ways)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(batch, in_channels, image_size, image_size) -> (batch, ways)`` logits."""
+        return self.head(self.features(x))

@@ -1,0 +1,43 @@
+"""The standard backbones: shapes, layer structure and argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_contrastive.networks import MLP, Conv4
+
+
+def test_mlp_default_is_the_sinusoid_1_40_40_1_regressor() -> None:
+    network = MLP()
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1, 40), (40, 40), (40, 1)]
+    assert sum(isinstance(m, nn.ReLU) for m in network.modules()) == 2
+    assert sum(p.numel() for p in network.parameters()) == 1 * 40 + 40 + 40 * 40 + 40 + 40 * 1 + 1
+    assert network(torch.randn(7, 1)).shape == (7, 1)
+
+
+def test_mlp_without_hidden_layers_is_linear() -> None:
+    network = MLP(in_features=3, hidden=(), out_features=2)
+    x = torch.randn(5, 3)
+    (linear,) = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    torch.testing.assert_close(network(x), x @ linear.weight.T + linear.bias)
+
+
+@pytest.mark.parametrize(("image_size", "in_channels", "channels", "ways"), [(28, 1, 64, 5), (84, 3, 32, 20)])
+def test_conv4_maps_images_to_logits(image_size: int, in_channels: int, channels: int, ways: int) -> None:
+    network = Conv4(in_channels=in_channels, ways=ways, channels=channels, image_size=image_size)
+    assert network(torch.randn(2, in_channels, image_size, image_size)).shape == (2, ways)
+    convs = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(m.kernel_size == (3, 3) and m.out_channels == channels for m in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in network.modules()) == 4
+    assert sum(isinstance(m, nn.MaxPool2d) for m in network.modules()) == 4
+    assert network.head.in_features == channels * (image_size // 16) ** 2
+
+
+def test_bad_sizes_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="image_size must be >= 16"):
+        Conv4(image_size=12)
+    with pytest.raises(ValueError, match="integers >= 1"):
+        MLP(hidden=(40, 0))

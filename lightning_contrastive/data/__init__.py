@@ -6,17 +6,22 @@ from lightning_contrastive.data.episodic import (
     EpisodicDataModule,
     collate_episodes,
 )
+from lightning_contrastive.data.miniimagenet import MiniImagenetDataModule, read_miniimagenet
 from lightning_contrastive.data.omniglot import OmniglotDataModule, download_omniglot, read_omniglot
 from lightning_contrastive.data.sinusoid import SinusoidDataModule, SinusoidTasks
+from lightning_contrastive.data.torchmeta import TorchmetaDataModule
 
 __all__ = [
     "ClassificationTasks",
     "EpisodeSampler",
     "EpisodicDataModule",
+    "MiniImagenetDataModule",
     "OmniglotDataModule",
     "SinusoidDataModule",
     "SinusoidTasks",
+    "TorchmetaDataModule",
     "collate_episodes",
     "download_omniglot",
+    "read_miniimagenet",
     "read_omniglot",
 ]

@@ -10,21 +10,42 @@ Usage::
 The model is always :class:`~lightning_contrastive.module.MetaLearningModule`; its learner, estimator,
 outer optimizer and LR scheduler are ``class_path``/``init_args`` entries under ``model:``, and the data
 module any ``LightningDataModule`` under ``data:`` (short names such as ``SinusoidDataModule``,
-``Contrastive`` or ``MAML`` resolve because this module imports them).
+``Contrastive`` or ``MAML`` resolve because this module imports them), and so do the callbacks under
+``trainer.callbacks`` (``MetaGradientMonitor``, ``EstimatorAgreement``, ...) and the logger under ``trainer.logger``
+(the shipped configs use :class:`~lightning_contrastive.loggers.OfflineFallbackWandbLogger`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pytorch_lightning.cli import ArgsType, LightningCLI
+import pytorch_lightning as pl
+import yaml
+from pytorch_lightning.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 # Imported for their classes: jsonargparse resolves short names (``SinusoidDataModule``, ``MAML``,
 # ``DualSystem``) among the subclasses already imported.
+import lightning_contrastive.callbacks
 import lightning_contrastive.data
 import lightning_contrastive.estimators
-import lightning_contrastive.learners  # noqa: F401
+import lightning_contrastive.learners
+import lightning_contrastive.loggers  # noqa: F401
 from lightning_contrastive.module import MetaLearningModule
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` to the log directory and hands the whole resolved configuration to every logger.
+
+    ``save_hyperparameters`` reaches the loggers with the arguments of the module and data module only; this
+    adds the rest (trainer, callbacks, logger, seed), so that e.g. the W&B run config alone reproduces the run.
+    The configuration is logged as the nested ``{"trainer": ..., "model": ..., "data": ..., ...}`` that
+    ``--print_config`` shows, once, on rank zero.
+    """
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
 
 
 class MetaLearningCLI(LightningCLI):
@@ -32,8 +53,9 @@ class MetaLearningCLI(LightningCLI):
 
     Differences from the stock ``LightningCLI``: the outer optimizer and scheduler are configured only
     through the module's own ``model.optimizer`` and ``model.lr_scheduler`` (``auto_configure_optimizers``
-    is off, so that there is one place to set them), and a rerun in the same directory overwrites the
-    saved ``config.yaml`` instead of aborting.
+    is off, so that there is one place to set them), a rerun in the same directory overwrites the
+    saved ``config.yaml`` instead of aborting, and the whole resolved configuration reaches every logger
+    (:class:`LoggerSaveConfigCallback`), not only the module's hyperparameters.
 
     Args:
         args: command-line style arguments (a list, dict or Namespace); ``None`` reads ``sys.argv``.
@@ -42,6 +64,7 @@ class MetaLearningCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MetaLearningModule, args=args, run=run, **kwargs)

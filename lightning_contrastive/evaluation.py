@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 Z_95 = 1.959963984540054
@@ -28,6 +30,21 @@ def mean_and_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     return values.mean(), Z_95 * values.std() / math.sqrt(values.numel())
 
 
+@dataclass(frozen=True)
+class MetricSummary:
+    """A per-episode metric over a whole evaluation set.
+
+    Attributes:
+        mean: its mean over the episodes.
+        ci95: the half-width of the mean's 95% confidence interval (:func:`mean_and_ci95`).
+        episodes: how many episodes entered it.
+    """
+
+    mean: Tensor
+    ci95: Tensor
+    episodes: int
+
+
 class EpisodeMetrics:
     """Per-episode metrics collected over an evaluation epoch, summarised as mean and 95% CI at its end.
 
@@ -44,16 +61,36 @@ class EpisodeMetrics:
         for name, values in per_episode.items():
             self._values[name].append(values.detach().flatten())
 
-    def summary(self, gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-        """``{name: mean, name_ci95: half-width}`` over every recorded episode."""
+    def summary(self, gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, MetricSummary]:
+        """Every metric's :class:`MetricSummary` over every recorded episode, by name."""
         result = {}
         for name, chunks in self._values.items():
             values = torch.cat(chunks)
             if gather is not None:
                 values = gather(values).flatten()
-            result[name], result[f"{name}_ci95"] = mean_and_ci95(values)
+            result[name] = MetricSummary(*mean_and_ci95(values), episodes=values.numel())
         return result
 
     def reset(self) -> None:
         """Forget every recorded episode, ready for the next epoch."""
         self._values.clear()
+
+
+def results_table(summaries: Mapping[str, MetricSummary]) -> str:
+    """An aligned text table with one row per metric: ``metric | mean | ± 95% CI | episodes``."""
+    header = ("metric", "mean", "± 95% CI", "episodes")
+    rows = [(name, f"{float(s.mean):.4g}", f"{float(s.ci95):.2g}", str(s.episodes)) for name, s in summaries.items()]
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:  # names flush left, numbers flush right
+        name, *numbers = cells
+        return " | ".join([name.ljust(widths[0]), *(n.rjust(w) for n, w in zip(numbers, widths[1:], strict=True))])
+
+    rule = "-+-".join("-" * width for width in widths)
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+@rank_zero_only
+def print_results(title: str, summaries: Mapping[str, MetricSummary]) -> None:
+    """Print ``title`` and :func:`results_table` of ``summaries``, on global rank zero only."""
+    print(f"\n{title}\n{results_table(summaries)}\n")

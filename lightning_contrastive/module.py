@@ -12,12 +12,13 @@ from lightning_utilities import apply_to_collection
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_contrastive.estimators.base import Estimator
-from lightning_contrastive.evaluation import EpisodeMetrics
+from lightning_contrastive.evaluation import EpisodeMetrics, print_results
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.meta_gradient import cast_task, compute_dtype, estimate
 from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
@@ -44,8 +45,9 @@ class MetaLearningModule(pl.LightningModule):
     **Evaluation.** Validation and test adapt to each task's support set with ``estimator.adapt`` and
     score the query set; they log the mean over all evaluation episodes and its 95% confidence interval
     (``val/query_loss``, ``val/query_loss_ci95``, and ``val/accuracy``, ``val/accuracy_ci95`` for
-    classification; ``test/...`` alike). Adaptation needs autograd, which is re-enabled locally, so the
-    default ``Trainer()`` (evaluation under ``torch.inference_mode``) works unchanged.
+    classification; ``test/...`` alike); ``trainer.validate`` and ``trainer.test`` (with ``verbose=True``, the
+    default) also print them as a table, with the number of episodes. Adaptation needs autograd, which is
+    re-enabled locally, so the default ``Trainer()`` (evaluation under ``torch.inference_mode``) works unchanged.
 
     **Checkpoints.** Under ``LightningCLI`` the hyperparameters saved are the parsed configuration
     (``class_path``/``init_args`` of learner, estimator, optimizer and scheduler), so
@@ -241,11 +243,21 @@ class MetaLearningModule(pl.LightningModule):
         """Adapt to every task of ``batch`` and return its per-episode query metrics."""
         return self._query_metrics(*self._adapt_each(batch))
 
-    def _log_summary(self, stage: str, episodes: EpisodeMetrics) -> None:
-        """Log mean and 95% CI of every per-episode metric, over all ranks' episodes."""
-        summary = episodes.summary(gather=self.all_gather)
-        self.log(f"{stage}/query_loss", summary.pop("query_loss"), prog_bar=True)
-        self.log_dict({f"{stage}/{name}": value for name, value in summary.items()})
+    def _log_summary(self, stage: Literal["val", "test"], episodes: EpisodeMetrics) -> None:
+        """Log mean and 95% CI of every per-episode metric, over all ranks' episodes.
+
+        At the end of a ``validate`` or ``test`` run (not of the validations inside ``fit``) that was asked to be
+        verbose, also print them as a table with the number of episodes, on rank zero.
+        """
+        summaries = {f"{stage}/{name}": summary for name, summary in episodes.summary(gather=self.all_gather).items()}
+        for name, summary in summaries.items():
+            self.log(name, summary.mean, prog_bar=name == f"{stage}/query_loss")
+            self.log(f"{name}_ci95", summary.ci95)
+        evaluation_run = TrainerFn.VALIDATING if stage == "val" else TrainerFn.TESTING
+        loop = self.trainer.validate_loop if stage == "val" else self.trainer.test_loop
+        if self.trainer.state.fn == evaluation_run and loop.verbose:
+            title = "Meta-validation" if stage == "val" else "Meta-test"
+            print_results(f"{title} results, mean and 95% CI over the episodes:", summaries)
 
 
 def _built_by_lightning_cli() -> bool:

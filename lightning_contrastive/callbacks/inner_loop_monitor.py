@@ -1,0 +1,166 @@
+"""The inner loop seen from inside: the loss along every phase, and how far each phase is from converged."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from torch import Tensor
+
+from lightning_contrastive.callbacks.held_batch import HeldBatchDiagnostic
+from lightning_contrastive.estimators import Contrastive, Estimator
+from lightning_contrastive.inner import InnerSGD, minimise
+from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.meta_gradient import cast_task, compute_dtype
+from lightning_contrastive.module import MetaLearningModule
+from lightning_contrastive.tasks import Params, Task, split_batch
+
+
+@dataclass(frozen=True)
+class PhaseTrace:
+    """One inner phase, averaged over the tasks of a batch.
+
+    Attributes:
+        losses: ``(steps,)``: the phase's objective at each step's parameters, before that step's update (the last
+            entry is the ``inner/<phase>`` value that the module logs in training).
+        residual_grad_norm: ``|d objective / d phi|`` at the phase's final parameters: zero at an exact minimum.
+    """
+
+    losses: Tensor
+    residual_grad_norm: Tensor
+
+
+def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[str, Any]) -> dict[str, PhaseTrace]:
+    """Re-run ``estimator``'s inner phases on every task of ``batch``, recording the objective at every step.
+
+    The phases are the estimator's own: for :class:`~lightning_contrastive.Contrastive` the free phase
+    (``free_steps`` on ``L_in``) and the nudged phase(s) (``nudged_steps`` on ``L_in + beta L_query``, and
+    ``L_in - beta L_query`` when symmetric, warm-started from the free solution), named ``free``,
+    ``nudged_pos``, ``nudged_neg``; for any other estimator the adaptation phase (``adaptation_steps`` on
+    ``L_in``), named ``free``. Each runs with the estimator's inner optimizer through the engine's
+    :func:`~lightning_contrastive.inner.minimise` at the detached meta-parameters, in the estimators' compute
+    dtype, so its values are those of training (except with ``Contrastive(query_subsample=...)``, whose nudged
+    steps see random subsets of the queries: here they see all of them, the objective the subsets estimate).
+    Cost: one more first-order run of the phases, plus one gradient per phase for the residual; no state changes.
+    """
+    dtype = compute_dtype(learner)
+    device_type = next(learner.parameters()).device.type
+    per_task: dict[str, list[PhaseTrace]] = {}
+    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        meta = {name: p.detach().to(dtype) for name, p in learner.named_meta_parameters()}
+        for task in (cast_task(task, dtype) for task in split_batch(batch)):
+            free, trace = _traced(
+                _augmented_loss(learner, meta, task, 0.0),
+                learner.init_fast(meta),
+                estimator.adaptation_steps,
+                estimator.inner_optimizer,
+            )
+            per_task.setdefault("free", []).append(trace)
+            for phase, beta in _nudges(estimator).items():
+                _, trace = _traced(
+                    _augmented_loss(learner, meta, task, beta), free, estimator.nudged_steps, estimator.nudged_optimizer
+                )
+                per_task.setdefault(phase, []).append(trace)
+    return {
+        phase: PhaseTrace(
+            losses=torch.stack([trace.losses for trace in traces]).mean(0),
+            residual_grad_norm=torch.stack([trace.residual_grad_norm for trace in traces]).mean(),
+        )
+        for phase, traces in per_task.items()
+    }
+
+
+def _nudges(estimator: Estimator) -> dict[str, float]:
+    """The nudged phases of ``estimator`` and their ``beta``, by the names the module logs them under."""
+    if not isinstance(estimator, Contrastive):
+        return {}
+    return {"nudged_pos": estimator.beta, **({"nudged_neg": -estimator.beta} if estimator.symmetric else {})}
+
+
+def _augmented_loss(learner: Learner, meta: Params, task: Task, beta: float) -> Callable[[Params], Tensor]:
+    """``L_beta(phi) = L_in(phi) + beta L_query(phi)`` at fixed ``meta``; ``L_in`` alone for ``beta = 0``."""
+    if not beta:
+        return lambda fast: learner.inner_loss(fast, meta, task.support)
+    return lambda fast: learner.inner_loss(fast, meta, task.support) + beta * learner.query_loss(fast, meta, task.query)
+
+
+def _traced(
+    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD
+) -> tuple[Params, PhaseTrace]:
+    """One phase of one task by :func:`minimise`: its final parameters, and its trace."""
+    losses: list[Tensor] = []
+
+    def recorded(params: Params) -> Tensor:
+        loss = objective(params)
+        losses.append(loss.detach())
+        return loss
+
+    final = minimise(recorded, start, steps, optimizer).params
+    at_final = {name: p.detach().requires_grad_() for name, p in final.items()}
+    residual = torch.autograd.grad(objective(at_final), list(at_final.values()))
+    norm = torch.sqrt(sum(g.square().sum() for g in residual))
+    return final, PhaseTrace(losses=torch.stack(losses), residual_grad_norm=norm)  # type: ignore[arg-type]
+
+
+class InnerLoopMonitor(HeldBatchDiagnostic):
+    """Every ``every_n_steps`` meta-steps, trace the inner phases on the held batch: their loss curves and residuals.
+
+    The contrastive estimate is only as good as its phases are converged: with the free phase stopped at a
+    gradient norm ``delta`` the one-sided rule's error grows like ``delta / beta``, on top of its O(beta) bias
+    (the symmetric rule's two nudged phases share that error, which cancels to first order, leaving an error
+    that does not grow as beta shrinks; see ``examples/beta_sweep.py``). This callback re-runs the phases (see
+    :func:`trace_inner_phases`) on the first training batch it saw, kept, and logs, averaged over its tasks:
+
+    - ``inner/<phase>_residual_grad_norm``: ``|d objective / d phi|`` at the end of each phase (``free``,
+      ``nudged_pos``, ``nudged_neg``), zero when it converged;
+    - ``inner/free_residual_over_beta`` (contrastive estimators): the free residual divided by ``beta``, the
+      size of the error it causes up to a constant;
+    - with a W&B logger, ``inner/loss_curve``: a line plot of each phase's objective against the inner step
+      (nudged phases continue from the free phase's last step).
+
+    The latest traces stay in :attr:`traces`. Cost per diagnosis: one more first-order run of the phases on the
+    held batch; the engine's own inner loop is untouched.
+
+    Args:
+        every_n_steps: meta-steps between two traces.
+    """
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        super().__init__(every_n_steps)
+        self.traces: dict[str, PhaseTrace] = {}
+
+    def diagnose(
+        self, trainer: pl.Trainer, pl_module: MetaLearningModule, batch: Mapping[str, Any]
+    ) -> dict[str, float]:
+        estimator = pl_module.estimator
+        self.traces = trace_inner_phases(pl_module.learner, estimator, batch)
+        metrics = {f"inner/{phase}_residual_grad_norm": float(t.residual_grad_norm) for phase, t in self.traces.items()}
+        if isinstance(estimator, Contrastive):
+            metrics["inner/free_residual_over_beta"] = metrics["inner/free_residual_grad_norm"] / estimator.beta
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log_loss_curves(logger, self.traces, trainer.global_step)
+        return metrics
+
+
+def log_loss_curves(logger: WandbLogger, traces: Mapping[str, PhaseTrace], step: int) -> None:
+    """Log ``traces`` to W&B as one line plot, ``inner/loss_curve``: objective against inner step, one line per phase.
+
+    Nudged phases start where the free phase stopped, so they are drawn from its last step on.
+    """
+    import wandb  # only with a W&B logger, which has imported it already
+
+    free_steps = len(traces["free"].losses)
+    xs, ys = [], []
+    for phase, trace in traces.items():
+        first = 0 if phase == "free" else free_steps
+        xs.append(list(range(first, first + len(trace.losses))))
+        ys.append(trace.losses.tolist())
+    plot = wandb.plot.line_series(
+        xs=xs, ys=ys, keys=list(traces), title=f"Inner loss on the held batch at meta-step {step}", xname="inner step"
+    )
+    logger.experiment.log({"inner/loss_curve": plot, "trainer/global_step": step})

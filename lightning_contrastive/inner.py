@@ -1,13 +1,14 @@
 """The inner optimizer that every estimator shares, and the loop that runs one inner phase.
 
-Functional in the style of torchopt/optax: parameters and optimizer state are dicts of tensors, and
-nothing is updated in place, so the same code serves first-order phases (no graph kept) and
-MAML's differentiable unroll (graph kept through every step).
+Functional in the style of torchopt/optax: parameters and optimizer state are dicts of tensors. A
+differentiable phase (MAML's unroll) updates out of place so that the graph runs through every step;
+a first-order phase keeps no graph and updates one private copy of the parameters in place. Either
+kind also runs inside ``torch.func`` transforms, so an estimator's per-task work can be vmapped over tasks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,13 @@ class InnerSGD:
         """One step; returns the new parameters and velocity (out of place, hence differentiable)."""
         velocity = {name: self.momentum * velocity[name] + grads[name] for name in params}
         return {name: p - self.lr * velocity[name] for name, p in params.items()}, velocity
+
+    def update_(self, params: list[Tensor], grads: Sequence[Tensor], velocity: list[Tensor]) -> None:
+        """The same step in place, with three fused multi-tensor kernels and no new tensors (not differentiable)."""
+        with torch.no_grad():
+            torch._foreach_mul_(velocity, self.momentum)
+            torch._foreach_add_(velocity, grads)
+            torch._foreach_add_(params, velocity, alpha=-self.lr)
 
 
 @dataclass(frozen=True)
@@ -76,18 +84,60 @@ def minimise(
     at once, so memory is that of one forward and backward pass whatever ``steps`` is.
     Differentiable: gradients are taken with ``create_graph=True`` and the returned parameters stay
     connected to ``start`` and to whatever ``objective`` closes over; memory grows linearly in ``steps``.
+
+    Inside a ``torch.func`` transform (``vmap`` over tasks) gradients come from ``torch.func.grad_and_value``,
+    which sees through batched tensors where ``torch.autograd.grad`` cannot; outside, ``autograd.grad`` is
+    used, which costs about half as much per step on small networks. The loop never reads a tensor's value
+    on the host, so it never waits for an accelerator.
     """
     check_steps("steps", steps)
-    params = {n: p if differentiable and p.requires_grad else p.detach().requires_grad_() for n, p in start.items()}
-    velocity = optimizer.init(params)
     with torch.enable_grad():  # adaptation needs autograd even inside a caller's no_grad block
-        for _ in range(steps):
-            loss = objective(params)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
-            with torch.set_grad_enabled(differentiable):
-                params, velocity = optimizer.update(params, dict(zip(params, grads, strict=True)), velocity)
-            if not differentiable:
-                params = {name: p.requires_grad_() for name, p in params.items()}
-    if not differentiable:
-        params = {name: p.detach() for name, p in params.items()}
+        if _inside_function_transform():
+            return _minimise_transformed(objective, start, steps, optimizer, differentiable)
+        if differentiable:
+            return _minimise_unrolled(objective, start, steps, optimizer)
+        return _minimise_first_order(objective, start, steps, optimizer)
+
+
+def _minimise_first_order(
+    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD
+) -> Phase:
+    params = {name: p.detach().clone().requires_grad_() for name, p in start.items()}  # the copy updated in place
+    leaves = list(params.values())
+    velocity = [torch.zeros_like(p) for p in leaves]
+    for _ in range(steps):
+        loss = objective(params)
+        optimizer.update_(leaves, torch.autograd.grad(loss, leaves), velocity)
+    return Phase(params={name: p.detach() for name, p in params.items()}, loss=loss.detach())
+
+
+def _minimise_unrolled(objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD) -> Phase:
+    params = {name: p if p.requires_grad else p.detach().requires_grad_() for name, p in start.items()}
+    velocity = optimizer.init(params)
+    for _ in range(steps):
+        loss = objective(params)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params, velocity = optimizer.update(params, dict(zip(params, grads, strict=True)), velocity)
     return Phase(params=params, loss=loss.detach())
+
+
+def _minimise_transformed(
+    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD, differentiable: bool
+) -> Phase:
+    params = start if differentiable else {name: p.detach() for name, p in start.items()}
+    velocity = optimizer.init(params)
+    gradient_and_loss = torch.func.grad_and_value(objective)
+    for _ in range(steps):
+        # Outer autograd records the step only when differentiable; the grad transform works either way.
+        with torch.set_grad_enabled(differentiable):
+            grads, loss = gradient_and_loss(params)
+            params, velocity = optimizer.update(params, grads, velocity)
+    return Phase(params=params, loss=loss.detach())
+
+
+def _inside_function_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is active around this call.
+
+    Read from functorch's interpreter stack; torch has no public query for it (as of 2.13).
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None

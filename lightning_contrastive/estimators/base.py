@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -39,6 +40,14 @@ class Estimator(ABC):
     Every estimator learns the task with the same inner optimizer, :class:`~lightning_contrastive.inner.InnerSGD`
     (``inner_lr``, ``inner_momentum``, with identical defaults everywhere), starting from
     ``learner.init_fast(theta)`` and minimising ``learner.inner_loss`` on the support set.
+    """
+
+    batchable: ClassVar[bool] = False
+    """Whether :meth:`task_estimate` may run under ``torch.func.vmap`` over the tasks of a meta-batch.
+
+    True only for estimators whose per-task work is a pure function of tensors: no host reads of tensor
+    values (``.item()``, ``float(t)``), no Python branching on them, no in-place writes to tensors it did
+    not create. Off by default, so that a new estimator is never vmapped before someone checks this.
     """
 
     def __init__(self, inner_lr: float = 0.01, inner_momentum: float = 0.9) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
+import torch
 from torch import Tensor
 
 from lightning_contrastive.estimators.base import Estimator, TaskEstimate, detached
 from lightning_contrastive.inner import InnerSGD, Phase, check_steps, minimise
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.tasks import Params, Task
+from lightning_contrastive.tasks import Params, Split, Task
 
 
 class Contrastive(Estimator):
@@ -29,7 +33,12 @@ class Contrastive(Estimator):
 
     Cost: ``free_steps + nudged_steps`` (one-sided) or ``free_steps + 2 nudged_steps`` (symmetric)
     first-order steps, each nudged step also evaluating the query set; memory is that of one forward
-    and backward pass, whatever the number of steps.
+    and backward pass, whatever the number of steps. The query evaluations dominate when the query set
+    is much larger than the support set (Omniglot 20-way 1-shot: 300 queries against 20 support images,
+    so a nudged step costs about 20 free ones). Two knobs cut them: fewer ``nudged_steps`` (the nudged
+    phases warm-start from ``phi_0`` and only move by O(beta)), and ``query_subsample``, which evaluates
+    each nudged step's query loss on a fresh random subset of the queries: an unbiased estimate of its
+    gradient, at ``query_subsample / len(query)`` of the cost. The surrogate still uses every query.
 
     Args:
         beta: nudging strength, > 0.
@@ -39,7 +48,12 @@ class Contrastive(Estimator):
         inner_lr: learning rate of the free phase.
         inner_momentum: momentum of every phase.
         nudged_lr: learning rate of the nudged phases; ``None`` uses ``inner_lr``.
+        query_subsample: evaluate each nudged step's query loss on this many queries drawn at random
+            without replacement (from torch's global generator, so ``torch.manual_seed`` fixes them);
+            ``None`` (default) uses every query, as does a number >= the task's query count.
     """
+
+    batchable = True
 
     def __init__(
         self,
@@ -50,17 +64,21 @@ class Contrastive(Estimator):
         inner_lr: float = 0.01,
         inner_momentum: float = 0.9,
         nudged_lr: float | None = None,
+        query_subsample: int | None = None,
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
         if isinstance(beta, bool) or not beta > 0:
             raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")
         check_steps("free_steps", free_steps)
         check_steps("nudged_steps", nudged_steps)
+        if query_subsample is not None:
+            check_steps("query_subsample", query_subsample)
         self.beta = float(beta)
         self.symmetric = symmetric
         self.free_steps = free_steps
         self.nudged_steps = nudged_steps
         self.nudged_optimizer = InnerSGD(inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
+        self.query_subsample = query_subsample
 
     @property
     def adaptation_steps(self) -> int:
@@ -69,13 +87,17 @@ class Contrastive(Estimator):
     def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
         frozen = detached(meta)
 
-        def augmented(fast: Params, theta: Params, beta: float) -> Tensor:
+        def augmented(fast: Params, theta: Params, beta: float, query: Split = task.query) -> Tensor:
             loss = learner.inner_loss(fast, theta, task.support)
-            return loss + beta * learner.query_loss(fast, theta, task.query) if beta else loss
+            return loss + beta * learner.query_loss(fast, theta, query) if beta else loss
 
         def nudged(beta: float) -> Phase:
+            queries = self._nudged_queries(task.query)
             return minimise(
-                lambda fast: augmented(fast, frozen, beta), free.params, self.nudged_steps, self.nudged_optimizer
+                lambda fast: augmented(fast, frozen, beta, next(queries)),
+                free.params,
+                self.nudged_steps,
+                self.nudged_optimizer,
             )
 
         free = self.adapt(learner, meta, task.support)
@@ -90,3 +112,14 @@ class Contrastive(Estimator):
             surrogate = (augmented(plus.params, meta, self.beta) - augmented(free.params, meta, 0.0)) / self.beta
             inner_losses = {"free": free.loss, "nudged_pos": plus.loss}
         return TaskEstimate(surrogate=surrogate, adapted=free.params, inner_losses=inner_losses)
+
+    def _nudged_queries(self, query: Split) -> Iterator[Split]:
+        """The query set of each nudged step: all of it, or a fresh random ``query_subsample`` of it.
+
+        The subsets are drawn up front, one row of indices per step, so the loop never syncs with the host.
+        """
+        count = len(query.y)
+        if self.query_subsample is None or self.query_subsample >= count:
+            return itertools.repeat(query)
+        rows = torch.rand(self.nudged_steps, count, device=query.y.device).argsort(dim=1)[:, : self.query_subsample]
+        return (Split(query.x[indices], query.y[indices]) for indices in rows)

@@ -67,7 +67,7 @@ class EpisodeMetrics:
         for name, chunks in self._values.items():
             values = torch.cat(chunks)
             if gather is not None:
-                values = gather(values).flatten()
+                values = gather_episodes(values, gather)
             result[name] = MetricSummary(*mean_and_ci95(values), episodes=values.numel())
         return result
 
@@ -94,3 +94,18 @@ def results_table(summaries: Mapping[str, MetricSummary]) -> str:
 def print_results(title: str, summaries: Mapping[str, MetricSummary]) -> None:
     """Print ``title`` and :func:`results_table` of ``summaries``, on global rank zero only."""
     print(f"\n{title}\n{results_table(summaries)}\n")
+
+
+def gather_episodes(values: Tensor, gather: Callable[[Tensor], Tensor]) -> Tensor:
+    """Every process's 1-d per-episode ``values``, concatenated in rank order.
+
+    Processes may hold different numbers of episodes (an evaluation set that does not divide by their number
+    is split unevenly rather than padded with repeated episodes), but ``gather`` (``LightningModule.all_gather``)
+    needs one shape on every process: each pads its values to the longest, and the padding is cut off again.
+    Outside DDP ``gather`` returns its input and so does this.
+    """
+    counts = gather(torch.tensor(values.numel(), device=values.device)).flatten()
+    padded = values.new_zeros(int(counts.max()))
+    padded[: values.numel()] = values
+    rows = gather(padded).reshape(len(counts), -1)
+    return torch.cat([row[:count] for row, count in zip(rows, counts.tolist(), strict=True)])

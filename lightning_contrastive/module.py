@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_utilities import apply_to_collection
@@ -13,8 +15,10 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_contrastive.estimators.base import Estimator
@@ -127,7 +131,8 @@ class MetaLearningModule(pl.LightningModule):
         Logs the mean over the batch's tasks of the query loss after adaptation (``train/query_loss``,
         ``train/accuracy``) and of each inner phase's final objective (``inner/free``, ``inner/nudged_pos``, ...).
         """
-        result = estimate(self.learner, self.estimator, batch)
+        with _seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):
+            result = estimate(self.learner, self.estimator, batch)
         tasks = self._tasks(batch)
         per_episode = self._query_metrics(tasks, [task.adapted for task in result.tasks])
         inner_losses = {
@@ -138,6 +143,55 @@ class MetaLearningModule(pl.LightningModule):
         self.log_dict({f"train/{name}": values.mean() for name, values in per_episode.items()}, batch_size=len(tasks))
         self.log_dict(inner_losses, batch_size=len(tasks))
         return result.surrogate
+
+    def on_after_backward(self) -> None:
+        """Under DDP, stop a meta-step in which some meta-parameters got no meta-gradient, before it is applied.
+
+        Estimators may leave meta-parameters alone (first-order MAML: the strengths). DDP, unless it looks for
+        such parameters (``find_unused_parameters``), then all-reduces no gradient at all in that step: each
+        process would apply its own meta-gradient and the copies drift apart (DDP only fails at the next step).
+        """
+        ddp = self.trainer.strategy.model
+        if not isinstance(ddp, DistributedDataParallel) or ddp.find_unused_parameters:
+            return
+        missing = [name for name, p in self.learner.named_meta_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            raise MisconfigurationException(
+                f"{type(self.estimator).__name__} gives no meta-gradient to {len(missing)} meta-parameters "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), and DDP, not told to expect that, "
+                "averages no gradient in such a step. Use Trainer(strategy='ddp_find_unused_parameters_true') (or "
+                "DDPStrategy(find_unused_parameters=True)), or stop learning them (e.g. learn_lambda=False)."
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint from an incompatible configuration, naming the keys that differ.
+
+        Runs before the weights are loaded, for ``Trainer.fit(..., ckpt_path=...)`` and ``load_from_checkpoint``
+        alike. Incompatible: the checkpoint's tensors do not fit this module (missing, extra or reshaped), or the
+        configuration saved with it (under LightningCLI) differs in the learner or the outer optimizer, whose
+        state would be restored into the wrong parameters or the wrong algorithm. The estimator and schedules may
+        change (e.g. more inner steps at test time).
+        """
+        saved, current = checkpoint.get("state_dict", {}), self.state_dict()
+        problems = [f"{key}: missing from the checkpoint" for key in sorted(current.keys() - saved.keys())]
+        problems += [f"{key}: in the checkpoint, not in this module" for key in sorted(saved.keys() - current.keys())]
+        problems += [
+            f"{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(current[key].shape)} here"
+            for key in sorted(saved.keys() & current.keys())
+            if saved[key].shape != current[key].shape
+        ]
+        saved_config = checkpoint.get("hyper_parameters", {})
+        for section in ("learner", "optimizer"):
+            if section in saved_config and section in self.hparams:
+                problems += [
+                    f"model.{key}: {then!r} in the checkpoint, {now!r} here"
+                    for key, then, now in _config_differences(saved_config[section], self.hparams[section], section)
+                ]
+        if problems:
+            raise ValueError(
+                "The checkpoint does not fit this module's configuration:\n  " + "\n  ".join(problems) + "\n"
+                "Resume or evaluate with the configuration it was saved with (the config.yaml next to the logs)."
+            )
 
     def optimizer_step(
         self,
@@ -281,3 +335,29 @@ def _plain_tensors(batch: Any) -> Any:
     Call inside :func:`_autograd_enabled`.
     """
     return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
+
+
+@contextmanager
+def _seeded_by_position(epoch: int, batch_idx: int, rank: int, device: torch.device) -> Iterator[None]:
+    """Inside, torch's global generator is seeded from ``(seed, epoch, batch_idx, rank)``; after, it is restored.
+
+    An estimator's random draws (``Contrastive(query_subsample=...)``, dropout in a backbone) then depend on the
+    training position alone: a run resumed from a checkpoint repeats them exactly with no generator state in the
+    checkpoint, and DDP processes draw differently. ``seed`` is ``seed_everything``'s (``PL_GLOBAL_SEED``).
+    """
+    entropy = [int(os.environ.get("PL_GLOBAL_SEED", 0)), epoch, batch_idx, rank]
+    seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def _config_differences(saved: Any, current: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every leaf where two parsed configurations differ."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        return [
+            difference
+            for key in sorted(saved.keys() | current.keys(), key=str)
+            for difference in _config_differences(saved.get(key), current.get(key), f"{prefix}.{key}")
+        ]
+    return [] if saved == current else [(prefix, saved, current)]

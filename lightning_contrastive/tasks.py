@@ -65,6 +65,11 @@ def split_batch(batch: Mapping[str, Any]) -> list[Task]:
                 f'batch["{key}"] has {tuple(x.shape[:2])} (tasks, examples) in x but {tuple(y.shape[:2])} in y; '
                 "every input needs exactly one target."
             )
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(
+                f'batch["{key}"] holds {x.shape[0]} tasks of {x.shape[1]} examples; a meta-batch needs at least one '
+                "task, and every task at least one support and one query example."
+            )
         splits[key] = (x, y)
     (xs, ys), (xq, yq) = splits["train"], splits["test"]
     if xs.shape[0] != xq.shape[0]:

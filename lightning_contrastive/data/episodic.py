@@ -8,15 +8,14 @@ set, the rest to the query set, and both sets are shuffled. A meta-batch of ``ba
 torchmeta's ``BatchMetaDataLoader`` yields.
 
 Task ``i`` of a stream is a fixed function of ``(seed, stream, i)``: it does not depend on which worker
-loads it, in which order, or what was drawn before it. That makes the evaluation episodes a fixed set
+or process loads it, in which order, or what was drawn before it. That makes the evaluation episodes a fixed set
 (the same every epoch and every run), the training episodes of epoch ``e`` the indices
 ``[e * num_train_tasks, (e + 1) * num_train_tasks)`` (fresh each epoch), and a training position a
-pair ``(epoch, batches done)`` that a checkpoint can restore.
+pair ``(epoch, tasks done)`` that a checkpoint can restore.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 Episode = dict[str, tuple[Tensor, Tensor]]
 """One task ``{"train": (x, y), "test": (x, y)}`` without the leading task dimension."""
@@ -169,27 +169,80 @@ class ClassificationTasks(Dataset[Episode]):
         return torch.stack([torch.as_tensor(self.examples[int(row)][0]) for row in rows])
 
 
-class EpisodeSampler(Sampler[int]):
-    """Task indices for one epoch: ``num_tasks`` fresh ones per epoch, or the same ones every epoch.
+class EpisodeSampler(DistributedSampler[int]):
+    """The task indices one process loads in one epoch: every meta-batch split evenly across processes.
 
-    With ``fresh_per_epoch`` epoch ``e`` yields ``[e * num_tasks, (e + 1) * num_tasks)``; Lightning
-    calls :meth:`set_epoch` before each epoch. :meth:`resume` makes the next pass over a given epoch
-    start part-way through it, once (to continue from a mid-epoch checkpoint).
+    **Order.** Epoch ``e`` covers task indices ``[0, num_tasks)``, shifted to ``[e * num_tasks, (e + 1) * num_tasks)``
+    with ``fresh_per_epoch`` (new tasks every epoch). They come in order, or with ``shuffle_seed`` permuted
+    by a generator that :meth:`set_epoch` seeds with ``shuffle_seed + e`` (``DistributedSampler``'s convention;
+    Lightning calls it before every epoch, so the order of any epoch can be rebuilt to resume it); a
+    second pass without ``set_epoch`` draws a new permutation, like ``RandomSampler`` with a generator.
+
+    **Processes.** Process ``rank`` of ``num_replicas`` loads a distinct share, and the shares cover the
+    epoch without repeats. With ``meta_batch_size`` (training) the order is cut into meta-batches of that
+    many tasks and each process takes the ``rank``-th of ``num_replicas`` equal contiguous slices of every
+    one: a loader with ``batch_size = meta_batch_size // num_replicas`` yields this process's part of each
+    meta-batch, and together the processes see exactly the meta-batches of a single process. A trailing
+    partial meta-batch is split alike when its size divides by ``num_replicas`` and is dropped otherwise
+    (every process must take the same number of steps). Without it (evaluation) the epoch is cut into
+    ``num_replicas`` contiguous parts whose sizes differ by at most one: every episode is evaluated once,
+    where ``DistributedSampler`` would pad the last part with repeated episodes.
+
+    :meth:`resume` makes the next pass start part-way through an epoch, once (to continue from a
+    mid-epoch checkpoint). It subclasses ``DistributedSampler`` because Lightning, under DDP, wraps any
+    other sampler in one, which would re-split (and pad) the shares.
+
+    Args:
+        num_tasks: tasks per epoch, over all processes.
+        fresh_per_epoch: new task indices every epoch instead of the same ones.
+        shuffle_seed: permute each epoch's tasks with this seed; ``None`` keeps them in order.
+        meta_batch_size: tasks per meta-batch over all processes (a multiple of ``num_replicas``);
+            ``None`` splits the epoch as a whole.
+        num_replicas: number of processes (``Trainer.world_size``).
+        rank: this process's index (``Trainer.global_rank``).
     """
 
-    def __init__(self, num_tasks: int, fresh_per_epoch: bool) -> None:
-        _check_counts(num_tasks=num_tasks)
+    def __init__(
+        self,
+        num_tasks: int,
+        fresh_per_epoch: bool,
+        shuffle_seed: int | None = None,
+        meta_batch_size: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        _check_counts(num_tasks=num_tasks, num_replicas=num_replicas)
+        if meta_batch_size is not None:
+            _check_counts(meta_batch_size=meta_batch_size)
+            if meta_batch_size % num_replicas:
+                raise ValueError(
+                    f"A meta-batch of {meta_batch_size} tasks does not split evenly across {num_replicas} processes "
+                    f"(devices x nodes), and every process loads an equal share of it. Make the meta-batch (a data "
+                    f"module's batch_size) a multiple of {num_replicas}."
+                )
+        shuffle = shuffle_seed is not None
+        super().__init__(range(num_tasks), num_replicas, rank, shuffle, seed=shuffle_seed or 0)  # type: ignore[arg-type]
         self.num_tasks = num_tasks
         self.fresh_per_epoch = fresh_per_epoch
-        self.epoch = 0
+        self.meta_batch_size = meta_batch_size
+        self.num_samples = len(self._share(torch.arange(num_tasks)))
+        self.total_size = num_tasks if meta_batch_size is None else self.num_samples * num_replicas
+        if self.total_size < num_replicas:
+            raise ValueError(
+                f"{num_tasks} tasks per epoch leave some of the {num_replicas} processes nothing to load (each needs "
+                f"a share); use at least {meta_batch_size or num_replicas} tasks."
+            )
+        self._passes = 0  # over the current epoch since set_epoch: each draws the next permutation
         self._resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch``: its task indices and, when shuffled, its permutation."""
         self.epoch = epoch
+        self._passes = 0
 
     def resume(self, epoch: int, tasks_done: int) -> None:
-        """Start the next pass at task ``tasks_done`` of ``epoch`` (the following passes start at 0)."""
-        self.epoch = epoch
+        """Start the next pass at task ``tasks_done`` (over all processes) of ``epoch``; later passes start at 0."""
+        self.set_epoch(epoch)
         self._resume_at = (epoch, tasks_done)
 
     def __iter__(self) -> Iterator[int]:
@@ -198,11 +251,39 @@ class EpisodeSampler(Sampler[int]):
             epoch, tasks_done = self._resume_at
             start = tasks_done if epoch == self.epoch else 0
             self._resume_at = None
-        offset = self.epoch * self.num_tasks if self.fresh_per_epoch else 0
-        return iter(range(offset + start, offset + self.num_tasks))
+        order = self._order() + (self.epoch * self.num_tasks if self.fresh_per_epoch else 0)
+        self._passes += 1
+        return iter(self._share(order[start:]).tolist())
 
     def __len__(self) -> int:
-        return self.num_tasks
+        """The number of indices this process loads in a whole epoch."""
+        return self.num_samples
+
+    def _order(self) -> Tensor:
+        """``0 .. num_tasks - 1`` in the order of the next pass.
+
+        Pass ``k`` over epoch ``e`` takes the ``k``-th permutation drawn from a generator seeded with
+        ``seed + e``; the generator is rebuilt rather than kept, because torch cannot send a ``Generator`` to
+        the processes that ``ddp_spawn`` starts.
+        """
+        if not self.shuffle:
+            return torch.arange(self.num_tasks)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        for _ in range(self._passes):  # only passes without set_epoch, i.e. outside a Trainer, repeat this
+            torch.randperm(self.num_tasks, generator=generator)
+        return torch.randperm(self.num_tasks, generator=generator)
+
+    def _share(self, order: Tensor) -> Tensor:
+        """This process's share of the task indices ``order``."""
+        count, replicas = len(order), self.num_replicas
+        if self.meta_batch_size is None:
+            return order[self.rank * count // replicas : (self.rank + 1) * count // replicas]
+        full = count - count % self.meta_batch_size
+        share = order[:full].view(-1, replicas, self.meta_batch_size // replicas)[:, self.rank].flatten()
+        rest = order[full:]
+        if len(rest) % replicas:  # a trailing partial meta-batch that does not split evenly is dropped
+            return share
+        return torch.cat([share, rest.view(replicas, -1)[self.rank]])
 
 
 def collate_episodes(episodes: Sequence[Episode]) -> Episode:
@@ -216,7 +297,108 @@ def collate_episodes(episodes: Sequence[Episode]) -> Episode:
     }
 
 
-class EpisodicDataModule(pl.LightningDataModule):
+class MetaBatchDataModule(pl.LightningDataModule):
+    """Base of the episodic data modules: meta-batches of seeded tasks, split across processes and resumable.
+
+    A subclass holds task sets whose item ``i`` is a fixed function of ``i`` (and a seed) and builds its
+    loaders with :meth:`train_loader` and :meth:`eval_loader` (both use :class:`EpisodeSampler`), which give it:
+
+    - **distributed training**: under ``Trainer(strategy="ddp", devices=N, num_nodes=M)``, ``batch_size`` is
+      still the meta-batch, the tasks of one meta-step over all ``N * M`` processes; each process loads a
+      distinct ``batch_size / (N * M)`` of them, and DDP's average of the processes' meta-gradients is the
+      meta-gradient of the whole meta-batch. A config thus trains the same on any number of devices.
+    - **distributed evaluation**: each process evaluates a distinct part of the fixed episodes and none is
+      evaluated twice (Lightning's default ``DistributedSampler`` pads with repeats, biasing the mean).
+    - **exact resume**: :meth:`state_dict` records the training position, which Lightning saves in every
+      checkpoint, and :meth:`load_state_dict` makes the next training pass continue from it, so a resumed
+      run sees the same tasks as one never interrupted (on any number of processes).
+
+    Args:
+        batch_size: tasks per meta-batch (per meta-step), over all processes.
+        eval_batch_size: tasks per batch in evaluation, per process; ``None`` uses ``batch_size``.
+        num_workers: data loader worker processes.
+    """
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int) -> None:
+        super().__init__()
+        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        _check_counts(batch_size=batch_size, eval_batch_size=eval_batch_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self._resume_at: tuple[int, int] | None = None
+
+    def train_loader(
+        self,
+        tasks: Dataset[Episode],
+        num_tasks: int,
+        fresh_per_epoch: bool,
+        shuffle_seed: int | None = None,
+        collate_fn: Callable[[list[Episode]], Episode] | None = None,
+    ) -> DataLoader[Episode]:
+        """This process's share of meta-batches of ``batch_size`` tasks, continuing a loaded checkpoint's position.
+
+        ``num_tasks``, ``fresh_per_epoch`` and ``shuffle_seed`` are :class:`EpisodeSampler`'s.
+        """
+        processes, rank = self._processes()
+        sampler = EpisodeSampler(num_tasks, fresh_per_epoch, shuffle_seed, self.batch_size, processes, rank)
+        if self._resume_at is not None:
+            sampler.resume(*self._resume_at)
+            self._resume_at = None
+        return self._loader(tasks, sampler, self.batch_size // processes, collate_fn)
+
+    def eval_loader(
+        self, tasks: Dataset[Episode], num_tasks: int, collate_fn: Callable[[list[Episode]], Episode] | None = None
+    ) -> DataLoader[Episode]:
+        """This process's distinct part of the first ``num_tasks`` tasks, in batches of ``eval_batch_size``."""
+        processes, rank = self._processes()
+        sampler = EpisodeSampler(num_tasks, fresh_per_epoch=False, num_replicas=processes, rank=rank)
+        return self._loader(tasks, sampler, self.eval_batch_size, collate_fn)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position ``{"epoch", "tasks_done"}``: where the next training meta-batch comes from.
+
+        Read from the attached trainer's loop progress (meta-batches whose training step finished), because
+        the loader itself runs ahead of training by Lightning's prefetched batch. Counted in tasks over all
+        processes, so that a run may resume on another number of processes.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch = trainer.current_epoch
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches_done >= trainer.num_training_batches:  # saved at the end of the epoch
+            epoch, batches_done = epoch + 1, 0
+        return {"epoch": epoch, "tasks_done": batches_done * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training pass start where :meth:`state_dict` left off."""
+        if state_dict:
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["tasks_done"]))
+
+    def _processes(self) -> tuple[int, int]:
+        """The number of processes and this one's rank: the attached trainer's, or a single process."""
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+    def _loader(
+        self,
+        tasks: Dataset[Episode],
+        sampler: EpisodeSampler,
+        batch_size: int,
+        collate_fn: Callable[[list[Episode]], Episode] | None,
+    ) -> DataLoader[Episode]:
+        return DataLoader(
+            tasks,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class EpisodicDataModule(MetaBatchDataModule):
     """Seeded N-way K-shot episodes from labelled data with a class split, for training and evaluation.
 
     - fit: ``num_train_tasks`` tasks per epoch from the ``"train"`` classes, different every epoch
@@ -226,10 +408,9 @@ class EpisodicDataModule(pl.LightningDataModule):
     Give the data directly (``data`` and ``class_splits``), or subclass and override :meth:`load_data`
     (benchmark modules do, to read files in :meth:`setup` rather than at construction).
 
-    The module is stateful: :meth:`state_dict` records the training position (epoch and meta-batches
-    done in it) from the attached trainer, and :meth:`load_state_dict` makes the next training pass
-    continue from there, so a run resumed from a mid-epoch checkpoint sees the same tasks as one that
-    was never interrupted.
+    Under DDP each process loads a distinct share of every meta-batch and of the evaluation episodes, and
+    a run resumed from a mid-epoch checkpoint sees the same tasks as one never interrupted
+    (:class:`MetaBatchDataModule`).
 
     Args:
         data: examples with integer labels: a ``Dataset`` of ``(x, y)`` pairs (labels read from its
@@ -239,8 +420,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         ways: classes per task (N).
         shots: support examples per class (K).
         test_shots: query examples per class.
-        batch_size: tasks per meta-batch in training.
-        eval_batch_size: tasks per batch in validation and test; ``None`` uses ``batch_size``.
+        batch_size: tasks per meta-batch in training, over all processes (a multiple of their number).
+        eval_batch_size: tasks per batch in validation and test, per process; ``None`` uses ``batch_size``.
         num_train_tasks: training tasks per epoch (a multiple of ``batch_size`` keeps meta-batches full).
         num_eval_tasks: size of the fixed validation and test task sets (600 is the common protocol).
         seed: fixes the training tasks, and the evaluation tasks unless ``eval_seed`` is given.
@@ -269,13 +450,11 @@ class EpisodicDataModule(pl.LightningDataModule):
         transform: Callable[[Tensor], Tensor] | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         _check_counts(
             ways=ways,
             shots=shots,
             test_shots=test_shots,
-            batch_size=batch_size,
-            eval_batch_size=batch_size if eval_batch_size is None else eval_batch_size,
             num_train_tasks=num_train_tasks,
             num_eval_tasks=num_eval_tasks,
         )
@@ -295,18 +474,14 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.ways = ways
         self.shots = shots
         self.test_shots = test_shots
-        self.batch_size = batch_size
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_train_tasks = num_train_tasks
         self.num_eval_tasks = num_eval_tasks
         self.seed = seed
         self.eval_seed = seed if eval_seed is None else eval_seed
         self.class_augmentations = tuple(class_augmentations)
         self.transform = transform
-        self.num_workers = num_workers
         self._tasks: dict[str, ClassificationTasks] = {}
         self._split_labels: dict[str, list[int]] = {}
-        self._resume_at: tuple[int, int] | None = None
 
     def load_data(self) -> tuple[LabelledData, Mapping[str, Sequence[int]]]:
         """The labelled data and its class split; runs once, in :meth:`setup`. Subclasses read files here."""
@@ -359,48 +534,14 @@ class EpisodicDataModule(pl.LightningDataModule):
         return list(self._split_labels[meta_split])
 
     def train_dataloader(self) -> DataLoader[Episode]:
-        sampler = EpisodeSampler(self.num_train_tasks, fresh_per_epoch=True)
-        if self._resume_at is not None:
-            epoch, batches_done = self._resume_at
-            sampler.resume(epoch, batches_done * self.batch_size)
-            self._resume_at = None
-        return self._loader("train", sampler, self.batch_size)
+        tasks = self.tasks("train")
+        return self.train_loader(tasks, self.num_train_tasks, fresh_per_epoch=True, collate_fn=collate_episodes)
 
     def val_dataloader(self) -> DataLoader[Episode]:
-        return self._loader("val", EpisodeSampler(self.num_eval_tasks, fresh_per_epoch=False), self.eval_batch_size)
+        return self.eval_loader(self.tasks("val"), self.num_eval_tasks, collate_fn=collate_episodes)
 
     def test_dataloader(self) -> DataLoader[Episode]:
-        return self._loader("test", EpisodeSampler(self.num_eval_tasks, fresh_per_epoch=False), self.eval_batch_size)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training position ``{"epoch", "batches_done"}``: where the next training meta-batch comes from.
-
-        Read from the attached trainer's loop progress (batches whose training step finished), because
-        the loader itself runs ahead of training by Lightning's prefetched batch.
-        """
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        epoch = trainer.current_epoch
-        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if batches_done >= math.ceil(self.num_train_tasks / self.batch_size):  # saved at the end of the epoch
-            epoch, batches_done = epoch + 1, 0
-        return {"epoch": epoch, "batches_done": batches_done}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training pass start where :meth:`state_dict` left off."""
-        if state_dict:
-            self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
-
-    def _loader(self, meta_split: str, sampler: EpisodeSampler, batch_size: int) -> DataLoader[Episode]:
-        return DataLoader(
-            self.tasks(meta_split),
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=collate_episodes,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.eval_loader(self.tasks("test"), self.num_eval_tasks, collate_fn=collate_episodes)
 
 
 def _examples_and_labels(data: LabelledData) -> tuple[Tensor | Dataset, Tensor]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_contrastive.data.episodic import MetaBatchDataModule
 
 Episode = dict[str, tuple[Tensor, Tensor]]
 Range = tuple[float, float]
@@ -101,20 +102,26 @@ class SinusoidTasks(Dataset[Episode]):
         return {"train": support, "test": split(x_query)}
 
 
-class SinusoidDataModule(pl.LightningDataModule):
+class SinusoidDataModule(MetaBatchDataModule):
     """Seeded sinusoid episodes in torchmeta's batch format: ``x``, ``y`` of shape ``(batch_size, shots, 1)``.
 
-    - fit: ``num_train_tasks`` seeded training tasks (a fresh task per episode in practice), shuffled
-      by a seeded generator; validation: a fixed set of ``num_eval_tasks`` tasks;
+    - fit: ``num_train_tasks`` seeded training tasks (a fresh task per episode in practice), in an order
+      reshuffled every epoch and fixed by ``seed`` and the epoch; validation: a fixed set of
+      ``num_eval_tasks`` tasks;
     - test: another fixed set of ``num_eval_tasks`` tasks, disjoint from the validation set;
     - predict: the first ``num_predict_tasks`` test tasks, with ``predict_points`` query inputs evenly
       spaced over ``input_range`` (to plot the adapted functions).
 
+    Under DDP each process loads a distinct share of every meta-batch and of the evaluation tasks, and
+    a run resumed from a mid-epoch checkpoint sees the same tasks as one never interrupted
+    (:class:`~lightning_contrastive.data.episodic.MetaBatchDataModule`).
+
     Args:
         shots: support points per task (K).
         test_shots: query points per task.
-        batch_size: tasks per meta-batch in training.
-        eval_batch_size: tasks per batch in validation, test and predict; ``None`` uses ``batch_size``.
+        batch_size: tasks per meta-batch in training, over all processes (a multiple of their number).
+        eval_batch_size: tasks per batch in validation, test and predict, per process; ``None`` uses
+            ``batch_size``.
         num_train_tasks: size of the training task set.
         num_eval_tasks: size of each of the validation and test task sets (600 is the usual protocol).
         num_predict_tasks: tasks in the predict set.
@@ -144,14 +151,8 @@ class SinusoidDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        for name, count in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or batch_size)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {count!r}.")
+        super().__init__(batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.seed = seed
         family = {
             "shots": shots,
@@ -170,23 +171,13 @@ class SinusoidDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Episode]:
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_tasks, self.batch_size, shuffle=True, generator=generator)
+        return self.train_loader(self.train_tasks, len(self.train_tasks), fresh_per_epoch=False, shuffle_seed=self.seed)
 
     def val_dataloader(self) -> DataLoader[Episode]:
-        return self._loader(self.val_tasks, self.eval_batch_size)
+        return self.eval_loader(self.val_tasks, len(self.val_tasks))
 
     def test_dataloader(self) -> DataLoader[Episode]:
-        return self._loader(self.test_tasks, self.eval_batch_size)
+        return self.eval_loader(self.test_tasks, len(self.test_tasks))
 
     def predict_dataloader(self) -> DataLoader[Episode]:
-        return self._loader(self.predict_tasks, self.eval_batch_size)
-
-    def _loader(self, tasks: SinusoidTasks, batch_size: int, **kwargs: object) -> DataLoader[Episode]:
-        return DataLoader(
-            tasks,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+        return self.eval_loader(self.predict_tasks, len(self.predict_tasks))

@@ -85,14 +85,23 @@ class Learner(nn.Module, ABC):
         return self._loss(self.predict(fast, meta, query.x), query.y)
 
     def check_task(self, task: Task, meta: Params) -> None:
-        """Raise ``ValueError`` if ``task``'s targets do not suit this learner's loss and outputs.
+        """Raise ``ValueError`` if the network cannot take ``task``'s inputs or its targets do not suit the loss.
 
         Costs one forward pass per split, run once per task rather than once per inner step.
         """
         with torch.no_grad():
             fast = {name: p.detach() for name, p in self.init_fast(meta).items()}
             for where, split in (("support set", task.support), ("query set", task.query)):
-                check_targets(self.loss_name, self.predict(fast, meta, split.x), split.y, where)
+                try:
+                    prediction = self.predict(fast, meta, split.x)
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as error:  # e.g. an input width that the first layer does not take
+                    raise ValueError(
+                        f"{where}: the network cannot take inputs of shape {tuple(split.x.shape)} "
+                        f"(examples, *features): {error}"
+                    ) from error
+                check_targets(self.loss_name, prediction, split.y, where)
 
 
 def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:

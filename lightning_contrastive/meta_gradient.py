@@ -51,9 +51,10 @@ def choose_batched(learner: Learner, estimator: Estimator, num_tasks: int) -> bo
     without convolutions; a loop over tasks otherwise.
 
     The rule is measured (``benchmarks/meta_step.py``, one CPU thread): for the 1-40-40-1 sinusoid MLP a
-    vmapped meta-batch of 25 tasks runs several times faster than the loop, whose cost is per-operator
-    overhead; for Conv4 vmap is slower, as it turns each task's convolution into one grouped convolution,
-    which CPU kernels run slower than the separate ones. With a single task there is nothing to batch.
+    vmapped meta-batch of 25 tasks ran the contrastive estimate 7-8x faster than the loop, whose cost is
+    per-operator overhead; for Conv4 (2 tasks) vmap took 1.4-2x longer, as it turns each layer's per-task
+    convolutions into one grouped convolution, which CPU kernels run slower than the separate ones. With a
+    single task there is nothing to batch.
     """
     has_convolutions = any(isinstance(module, nn.modules.conv._ConvNd) for module in learner.modules())
     return estimator.batchable and num_tasks > 1 and not has_convolutions

@@ -56,20 +56,12 @@ def complex_synapse(learn_lambda: bool = True) -> ComplexSynapse:
     return learner
 
 
-def vmap_safe(estimator: Estimator) -> Estimator:
-    """``estimator`` allowed to run batched: MAML, FirstOrderMAML and Reptile are vmap-safe (no host
-    reads, no value-dependent branching), which these tests establish, though their classes do not
-    set ``batchable`` yet."""
-    estimator.batchable = True  # type: ignore[misc]
-    return estimator
-
-
 ESTIMATORS = {
     "contrastive symmetric": lambda: Contrastive(beta=0.1, symmetric=True, free_steps=6, nudged_steps=4, inner_lr=0.1),
     "contrastive one-sided": lambda: Contrastive(beta=0.1, symmetric=False, free_steps=6, nudged_steps=4, inner_lr=0.1),
     "contrastive, every query drawn": lambda: Contrastive(free_steps=4, nudged_steps=3, query_subsample=QUERY),
-    "maml": lambda: vmap_safe(MAML(inner_steps=4, inner_lr=0.1)),
-    "first-order maml": lambda: vmap_safe(FirstOrderMAML(inner_steps=4, inner_lr=0.1)),
+    "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
+    "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),
 }
 
 
@@ -90,11 +82,11 @@ def test_batched_meta_gradient_equals_the_loop_for_a_complex_synapse(name: str) 
 def test_batched_reptile_equals_the_loop() -> None:
     learner, batch = complex_synapse(learn_lambda=False), classification_batch()
     looped = meta_gradient(learner, Reptile(inner_steps=5, inner_lr=0.1), batch, batched=False)
-    batched = meta_gradient(learner, vmap_safe(Reptile(inner_steps=5, inner_lr=0.1)), batch, batched=True)
+    batched = meta_gradient(learner, Reptile(inner_steps=5, inner_lr=0.1), batch, batched=True)
     assert_same_gradients(batched, looped)
 
 
-@pytest.mark.parametrize("estimator", [Contrastive(beta=0.1, free_steps=5, nudged_steps=3), vmap_safe(MAML(3))])
+@pytest.mark.parametrize("estimator", [Contrastive(beta=0.1, free_steps=5, nudged_steps=3), MAML(3)])
 def test_batched_meta_gradient_equals_the_loop_for_a_dual_system(estimator: Estimator) -> None:
     """The dual system's query loss depends on its slow weights directly, and it modulates through hooks."""
     torch.manual_seed(2)

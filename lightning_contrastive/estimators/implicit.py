@@ -32,6 +32,8 @@ class Implicit(_InnerStepsEstimator):
     the inner loss, whatever ``inner_steps`` is.
     """
 
+    batchable = False  # conjugate gradient stops early on a host read of the residual
+
     def __init__(
         self,
         inner_steps: int = 100,

@@ -11,6 +11,8 @@ from lightning_contrastive.tasks import Params, Task
 class _InnerStepsEstimator(Estimator):
     """An estimator whose task adaptation is ``inner_steps`` steps on the inner loss."""
 
+    batchable = True  # MAML, FirstOrderMAML and Reptile read no values on the host (tests/test_batched.py)
+
     def __init__(self, inner_steps: int = 100, inner_lr: float = 0.01, inner_momentum: float = 0.9) -> None:
         super().__init__(inner_lr, inner_momentum)
         check_steps("inner_steps", inner_steps)

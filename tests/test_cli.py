@@ -15,7 +15,7 @@ from lightning_contrastive.cli import MetaLearningCLI, main
 from lightning_contrastive.module import MetaLearningModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sinusoid"
-ESTIMATORS = ["contrastive", "contrastive_one_sided", "maml", "fomaml", "implicit", "reptile"]
+SHIPPED_CONFIGS = ["contrastive", "contrastive_one_sided", "maml", "fomaml", "implicit", "reptile", "dual_system"]
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def logged_columns(tmp_path: Path) -> dict[str, list[float]]:
     return columns
 
 
-@pytest.mark.parametrize("config", ESTIMATORS)
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS)
 def test_every_shipped_config_fits_and_logs(config: str, tmp_path: Path) -> None:
     main(["fit", *tiny_run(tmp_path, config)])
     logged = logged_columns(tmp_path)

@@ -1,22 +1,24 @@
 """Omniglot 5-way 1-shot on real images: meta-training with the contrastive rule against its untrained start.
 
-    python examples/omniglot_5way.py                    # ~15 minutes on 2 CPU cores
+    python examples/omniglot_5way.py                    # 7 minutes on 2 idle CPU cores (14 when they are shared)
     python examples/omniglot_5way.py --root PATH        # where the Omniglot zips are
     python examples/omniglot_5way.py --trainer.max_steps=600 --data.num_eval_tasks=300   # any config override
     python examples/omniglot_5way.py --config configs/omniglot/dual_system_5way1shot.yaml  # the dual system
 
-Every weight of a Conv4 becomes a complex synapse (a fast weight pulled toward a consolidated weight
-``omega`` with a learned strength ``lambda``), and the symmetric contrastive rule meta-learns ``omega``
-and ``lambda`` on tasks drawn from the meta-train characters. The script runs the configuration
-``configs/omniglot/contrastive_5way1shot.yaml`` exactly as
+Every weight of a 32-channel Conv4 becomes a complex synapse (a fast weight pulled toward a consolidated
+weight ``omega`` with a learned strength ``lambda``), and the symmetric contrastive rule meta-learns
+``omega`` and ``lambda`` on tasks drawn from the meta-train characters. The script runs the configuration
+``configs/omniglot/contrastive_5way1shot.yaml`` as these three commands would, in one process:
 
-    lightning-contrastive test --config configs/omniglot/contrastive_5way1shot.yaml             # untrained start
-    lightning-contrastive fit  --config configs/omniglot/contrastive_5way1shot.yaml
-    lightning-contrastive test --config configs/omniglot/contrastive_5way1shot.yaml --ckpt_path last
+    OMP_NUM_THREADS=1 lightning-contrastive test --config configs/omniglot/contrastive_5way1shot.yaml  # untrained
+    OMP_NUM_THREADS=1 lightning-contrastive fit  --config configs/omniglot/contrastive_5way1shot.yaml
+    OMP_NUM_THREADS=1 lightning-contrastive test --config configs/omniglot/contrastive_5way1shot.yaml --ckpt_path last
 
-would, in one process, and prints the accuracy on the same fixed meta-test episodes (characters never
-seen in meta-training, each episode adapted from its own 5 support images) of the network adapted
-from its untrained start and after meta-training, with 95% confidence intervals.
+and prints the query accuracy, with its 95% confidence interval, on the same fixed meta-test episodes
+(characters never seen in meta-training, each episode adapted from its own 5 support images) of the
+network adapted from its untrained start and after meta-training. The meta-trained network is saved as
+``checkpoints/omniglot_contrastive_5way1shot/last.ckpt`` (relative to the working directory), which the
+last command above tests again.
 
 The images are the official small background subsets of Omniglot (242 characters, split by character
 into meta-train/val/test and augmented with rotations). They are read from ``--root``, else from
@@ -73,7 +75,10 @@ class Comparison:
 
 
 def default_root() -> Path:
-    """``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else the first existing shared data folder (else the first)."""
+    """``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else the first of ``ROOT_CANDIDATES`` that exists.
+
+    When none exists the first is returned, so that the data module's error names where the files belong.
+    """
     if os.environ.get(ROOT_ENV_VAR):
         return Path(os.environ[ROOT_ENV_VAR])
     return next((candidate for candidate in ROOT_CANDIDATES if candidate.is_dir()), ROOT_CANDIDATES[0])
@@ -152,11 +157,14 @@ def main(argv: Sequence[str] | None = None) -> Comparison:
         epilog="Any other argument is a LightningCLI override of the configuration, e.g. --trainer.max_steps=600.",
     )
     parser.add_argument("--config", type=Path, default=CONFIG, help="configuration file (default: %(default)s)")
-    parser.add_argument("--root", type=Path, default=None, help=f"Omniglot folder (default: ${ROOT_ENV_VAR}, ...)")
+    fallbacks = " or ".join(dict.fromkeys(map(str, ROOT_CANDIDATES)))
+    parser.add_argument("--root", type=Path, help=f"Omniglot zips' folder (default: ${ROOT_ENV_VAR}, else {fallbacks})")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest on 2 shared cores)"
     )
     args, overrides = parser.parse_known_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1; got {args.threads}.")
     torch.set_num_threads(args.threads)
     cli = build(args.root or default_root(), overrides, args.config)
     print(f"Settings ({args.config} with overrides {list(overrides)}):\n{describe(cli.config)}")

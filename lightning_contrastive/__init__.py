@@ -1,6 +1,7 @@
 """Contrastive meta-learning (Zucchet et al., NeurIPS 2022) and its reference estimators, for PyTorch Lightning."""
 
 from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
+from lightning_contrastive.faults import InnerFault, InnerLoopError
 from lightning_contrastive.inner import InnerSGD
 from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.meta_gradient import MetaEstimate, estimate, meta_gradient
@@ -15,6 +16,8 @@ __all__ = [
     "Estimator",
     "FirstOrderMAML",
     "Implicit",
+    "InnerFault",
+    "InnerLoopError",
     "InnerSGD",
     "Learner",
     "MetaEstimate",

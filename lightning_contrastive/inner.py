@@ -58,10 +58,17 @@ class Phase:
     Attributes:
         params: the fast parameters after the last step (detached unless the phase was differentiable).
         loss: the objective at the last step's parameters, i.e. before the final update (detached).
+        start_loss: the objective at the starting parameters (detached).
+        finite: a boolean scalar tensor, False when ``loss`` or any final parameter is NaN or infinite.
+            Non-finite values are absorbing under gradient steps (a NaN or inf gradient leaves NaN or inf in the
+            parameters it touches for good), so this one end-of-phase check catches a fault at any step, without
+            reading a value on the host inside the loop.
     """
 
     params: Params
     loss: Tensor
+    start_loss: Tensor
+    finite: Tensor
 
 
 def check_steps(name: str, steps: int) -> None:
@@ -105,20 +112,24 @@ def _minimise_first_order(
     params = {name: p.detach().clone().requires_grad_() for name, p in start.items()}  # the copy updated in place
     leaves = list(params.values())
     velocity = [torch.zeros_like(p) for p in leaves]
+    start_loss = None
     for _ in range(steps):
         loss = objective(params)
+        start_loss = loss.detach() if start_loss is None else start_loss
         optimizer.update_(leaves, torch.autograd.grad(loss, leaves), velocity)
-    return Phase(params={name: p.detach() for name, p in params.items()}, loss=loss.detach())
+    return _phase({name: p.detach() for name, p in params.items()}, start_loss, loss)  # type: ignore[arg-type]
 
 
 def _minimise_unrolled(objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD) -> Phase:
     params = {name: p if p.requires_grad else p.detach().requires_grad_() for name, p in start.items()}
     velocity = optimizer.init(params)
+    start_loss = None
     for _ in range(steps):
         loss = objective(params)
+        start_loss = loss.detach() if start_loss is None else start_loss
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         params, velocity = optimizer.update(params, dict(zip(params, grads, strict=True)), velocity)
-    return Phase(params=params, loss=loss.detach())
+    return _phase(params, start_loss, loss)  # type: ignore[arg-type]
 
 
 def _minimise_transformed(
@@ -127,12 +138,20 @@ def _minimise_transformed(
     params = start if differentiable else {name: p.detach() for name, p in start.items()}
     velocity = optimizer.init(params)
     gradient_and_loss = torch.func.grad_and_value(objective)
+    start_loss = None
     for _ in range(steps):
         # Outer autograd records the step only when differentiable; the grad transform works either way.
         with torch.set_grad_enabled(differentiable):
             grads, loss = gradient_and_loss(params)
+            start_loss = loss.detach() if start_loss is None else start_loss
             params, velocity = optimizer.update(params, grads, velocity)
-    return Phase(params=params, loss=loss.detach())
+    return _phase(params, start_loss, loss)  # type: ignore[arg-type]
+
+
+def _phase(params: Params, start_loss: Tensor, loss: Tensor) -> Phase:
+    """A :class:`Phase`, with its finiteness checked on the device (a few reductions, no host read)."""
+    checks = [torch.isfinite(loss).all()] + [torch.isfinite(p).all() for p in params.values()]
+    return Phase(params=params, loss=loss.detach(), start_loss=start_loss, finite=torch.stack(checks).all())
 
 
 def _inside_function_transform() -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_contrastive.estimators.base import Estimator, TaskEstimate
+from lightning_contrastive.faults import InnerFault, InnerLoopError, find_faults
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Split, Task, split_batch
 
@@ -19,13 +20,17 @@ class MetaEstimate:
     """An estimator's verdict on a meta-batch.
 
     Attributes:
-        surrogate: the mean of the tasks' surrogates; its gradient with respect to the learner's
-            meta-parameters is the estimated meta-gradient, averaged over tasks.
-        tasks: each task's :class:`TaskEstimate`, in batch order.
+        surrogate: the mean of the kept tasks' surrogates; its gradient with respect to the learner's
+            meta-parameters is the estimated meta-gradient, averaged over those tasks (zero if none was kept).
+        tasks: each kept task's :class:`TaskEstimate`, in batch order.
+        kept: the kept tasks' indices in the batch (all of them unless faulty tasks were skipped).
+        skipped: the faulty tasks that were left out (only under ``on_fault="skip"``).
     """
 
     surrogate: Tensor
     tasks: list[TaskEstimate]
+    kept: list[int]
+    skipped: list[InnerFault]
 
 
 def compute_dtype(learner: Learner) -> torch.dtype:
@@ -60,8 +65,16 @@ def choose_batched(learner: Learner, estimator: Estimator, num_tasks: int) -> bo
     return estimator.batchable and num_tasks > 1 and not has_convolutions
 
 
+FaultPolicy = Literal["stop", "skip"]
+
+
 def estimate(
-    learner: Learner, estimator: Estimator, batch: Mapping[str, Any], *, batched: bool | None = None
+    learner: Learner,
+    estimator: Estimator,
+    batch: Mapping[str, Any],
+    *,
+    batched: bool | None = None,
+    on_fault: FaultPolicy = "stop",
 ) -> MetaEstimate:
     """Run ``estimator`` on every task of a torchmeta-format ``batch`` and average the surrogates.
 
@@ -69,10 +82,18 @@ def estimate(
     caller's precision. ``batched`` picks how the tasks are run: ``False`` loops over them, ``True`` maps
     the estimator over them with ``torch.func.vmap`` (the same estimate, computed together; memory grows with
     the number of tasks), ``None`` picks by :func:`choose_batched`. Random draws inside an estimator
-    (``Contrastive(query_subsample=...)``) differ between the two paths. Raises ``ValueError`` for a
-    malformed batch, targets that do not suit the learner's loss, an estimator that is undefined for the
-    learner, or ``batched=True`` with an estimator that cannot be vmapped.
+    (``Contrastive(query_subsample=...)``) differ between the two paths.
+
+    Faults: once every task's phases have run, their fault flags (NaN or inf in a phase or the surrogate, a
+    diverged nudged phase; see ``TaskEstimate.faults``) are read in one host transfer per meta-batch.
+    ``on_fault="stop"`` raises :class:`~lightning_contrastive.faults.InnerLoopError` naming each failed task and
+    phase; ``"skip"`` leaves those tasks out of the mean and lists them in ``MetaEstimate.skipped``.
+
+    Raises ``ValueError`` for a malformed batch, targets that do not suit the learner's loss, an estimator that
+    is undefined for the learner, or ``batched=True`` with an estimator that cannot be vmapped.
     """
+    if on_fault not in ("stop", "skip"):
+        raise ValueError(f'on_fault must be "stop" or "skip"; got {on_fault!r}.')
     tasks = split_batch(batch)
     estimator.check_learner(learner)
     if batched is None:
@@ -90,12 +111,27 @@ def estimate(
         tasks = [cast_task(task, dtype) for task in tasks]
         for task in tasks:  # every task is checked before any inner loop starts
             learner.check_task(task, meta)
-        if batched:
-            results = vmapped_task_estimates(learner, estimator, meta, tasks)
-        else:
-            results = [estimator.task_estimate(learner, meta, task) for task in tasks]
-        surrogate = torch.stack([r.surrogate for r in results]).mean()
-    return MetaEstimate(surrogate=surrogate, tasks=results)
+
+        def task_estimates(chosen: list[Task]) -> list[TaskEstimate]:
+            if batched:
+                return vmapped_task_estimates(learner, estimator, meta, chosen)
+            return [estimator.task_estimate(learner, meta, task) for task in chosen]
+
+        results = task_estimates(tasks)
+        kept, skipped = list(range(len(tasks))), find_faults(tasks, results)
+        if skipped and on_fault == "stop":
+            raise InnerLoopError(skipped, len(tasks))
+        if skipped:
+            failed = {fault.task for fault in skipped}
+            kept = [i for i in kept if i not in failed]
+            # Vmapped tasks share one backward graph, where a dropped task's NaNs would still reach the shared
+            # meta-gradient (0 * nan), so the kept tasks are recomputed; looped tasks have separate graphs.
+            results = task_estimates([tasks[i] for i in kept]) if batched and kept else [results[i] for i in kept]
+        if results:
+            surrogate = torch.stack([r.surrogate for r in results]).mean()
+        else:  # every task failed: a surrogate whose gradient is zero, so that each meta-parameter still gets one
+            surrogate = torch.stack([(0 * p).sum() for p in meta.values()]).sum()
+    return MetaEstimate(surrogate=surrogate, tasks=results, kept=kept, skipped=skipped)
 
 
 def vmapped_task_estimates(
@@ -113,32 +149,38 @@ def vmapped_task_estimates(
 
     def one_task(
         support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Params, dict[str, Tensor]]:
+    ) -> tuple[Tensor, Params, dict[str, Tensor], dict[str, Tensor]]:
         result = estimator.task_estimate(learner, meta, Task(Split(support_x, support_y), Split(query_x, query_y)))
-        return result.surrogate, result.adapted, result.inner_losses
+        return result.surrogate, result.adapted, result.inner_losses, result.faults
 
-    surrogates, adapted, inner_losses = torch.func.vmap(one_task, randomness="different")(*stacked)
+    surrogates, adapted, inner_losses, faults = torch.func.vmap(one_task, randomness="different")(*stacked)
     return [
         TaskEstimate(
             surrogate=surrogates[i],
             adapted={name: p[i] for name, p in adapted.items()},
             inner_losses={name: loss[i] for name, loss in inner_losses.items()},
+            faults={name: flag[i] for name, flag in faults.items()},
         )
         for i in range(len(tasks))
     ]
 
 
 def meta_gradient(
-    learner: Learner, estimator: Estimator, batch: Mapping[str, Any], *, batched: bool | None = None
+    learner: Learner,
+    estimator: Estimator,
+    batch: Mapping[str, Any],
+    *,
+    batched: bool | None = None,
+    on_fault: FaultPolicy = "stop",
 ) -> dict[str, Tensor]:
     """The estimated meta-gradient, averaged over the tasks of ``batch``, keyed like ``named_meta_parameters()``.
 
     Changes no state: no ``.grad`` is written and the learner's parameters are untouched.
     Meta-parameters an estimator leaves alone (e.g. strengths under first-order MAML) get zeros.
-    ``batched`` is :func:`estimate`'s.
+    ``batched`` and ``on_fault`` are :func:`estimate`'s.
     """
     named = dict(learner.named_meta_parameters())
-    result = estimate(learner, estimator, batch, batched=batched)
+    result = estimate(learner, estimator, batch, batched=batched, on_fault=on_fault)
     with torch.autocast(result.surrogate.device.type, enabled=False):  # backward in the estimate's precision
         grads = torch.autograd.grad(result.surrogate, list(named.values()), allow_unused=True)
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,10 +24,13 @@ from torch.optim import Optimizer
 
 from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.evaluation import EpisodeMetrics, print_results
+from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import cast_task, compute_dtype, estimate
+from lightning_contrastive.meta_gradient import FaultPolicy, cast_task, compute_dtype, estimate
 from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
 from lightning_contrastive.tasks import Params, Task, split_batch
+
+log = logging.getLogger(__name__)
 
 
 class MetaLearningModule(pl.LightningModule):
@@ -45,6 +49,16 @@ class MetaLearningModule(pl.LightningModule):
     outer optimizer steps on it, followed by any LR scheduler. No second-order graph is built unless the
     estimator itself needs one (MAML). :meth:`optimizer_step` then calls ``learner.after_meta_step()``, the
     learner's chance to restore constraints on its meta-parameters.
+
+    **Faults.** After a training batch's inner phases have run, their fault flags are read once (no per-step
+    host sync): a phase that produced NaN or inf, or a nudged phase that diverged (see ``Contrastive``'s
+    ``divergence_ratio``). With ``on_inner_fault="stop"`` (default)
+    :class:`~lightning_contrastive.faults.InnerLoopError` is raised from ``training_step``, naming each failed
+    task and phase, before any backward pass or optimizer step: the meta-parameters and every checkpoint
+    already written stay as they were. With ``"skip"`` the failed tasks are left out of the meta-batch's mean,
+    logged as warnings and counted (``train/skipped_tasks`` per step, ``train/skipped_tasks_total`` since the
+    start, kept in checkpoints); a batch whose tasks all failed makes no optimizer step (under DDP it
+    contributes a zero meta-gradient, so that the processes stay in step).
 
     **Evaluation.** Validation and test adapt to each task's support set with ``estimator.adapt`` and
     score the query set; they log the mean over all evaluation episodes and its 95% confidence interval
@@ -67,6 +81,7 @@ class MetaLearningModule(pl.LightningModule):
         lr_scheduler_interval: step the scheduler after every meta-step (``"step"``, the unit in which
             meta-training is usually measured) or after every training epoch (``"epoch"``). A
             ``ReduceLROnPlateau`` scheduler monitors ``val/query_loss``.
+        on_inner_fault: ``"stop"`` (raise) or ``"skip"`` (drop and count) a task whose inner phases failed.
     """
 
     def __init__(
@@ -76,6 +91,7 @@ class MetaLearningModule(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        on_inner_fault: FaultPolicy = "stop",
     ) -> None:
         super().__init__()
         if not isinstance(learner, Learner):
@@ -85,6 +101,8 @@ class MetaLearningModule(pl.LightningModule):
         estimator.check_learner(learner)  # e.g. Reptile with learned strengths: fail now, not at the first batch
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f'lr_scheduler_interval must be "step" or "epoch"; got {lr_scheduler_interval!r}.')
+        if on_inner_fault not in ("stop", "skip"):
+            raise ValueError(f'on_inner_fault must be "stop" or "skip"; got {on_inner_fault!r}.')
         self.save_hyperparameters(
             ignore=[] if _built_by_lightning_cli() else ["learner", "estimator", "optimizer", "lr_scheduler"]
         )
@@ -93,6 +111,8 @@ class MetaLearningModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.on_inner_fault = on_inner_fault
+        self.skipped_tasks_total = 0
         self.classification = learner.loss_name == "cross_entropy"
         self.val_episodes = EpisodeMetrics()
         self.test_episodes = EpisodeMetrics()
@@ -125,15 +145,20 @@ class MetaLearningModule(pl.LightningModule):
         return self.learner.as_module(fast)
 
     # ---------------------------------------------------------------- training
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         """Return the estimator's surrogate for ``batch``; Lightning's backward turns it into the meta-gradient.
 
         Logs the mean over the batch's tasks of the query loss after adaptation (``train/query_loss``,
         ``train/accuracy``) and of each inner phase's final objective (``inner/free``, ``inner/nudged_pos``, ...).
+        Returns ``None`` (no optimizer step) when every task failed under ``on_inner_fault="skip"`` on one process.
         """
         with _seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):
-            result = estimate(self.learner, self.estimator, batch)
-        tasks = self._tasks(batch)
+            result = estimate(self.learner, self.estimator, batch, on_fault=self.on_inner_fault)
+        if self.on_inner_fault == "skip":
+            self._count_skipped(result.skipped)
+        if not result.tasks:
+            return result.surrogate if self.trainer.world_size > 1 else None
+        tasks = [self._tasks(batch)[i] for i in result.kept]
         per_episode = self._query_metrics(tasks, [task.adapted for task in result.tasks])
         inner_losses = {
             f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
@@ -143,6 +168,17 @@ class MetaLearningModule(pl.LightningModule):
         self.log_dict({f"train/{name}": values.mean() for name, values in per_episode.items()}, batch_size=len(tasks))
         self.log_dict(inner_losses, batch_size=len(tasks))
         return result.surrogate
+
+    def _count_skipped(self, skipped: list[InnerFault]) -> None:
+        """Warn about each skipped task and log this step's and the run's counts."""
+        for fault in skipped:
+            log.warning("Skipped a task at step %d: %s", self.global_step, fault.describe())
+        self.skipped_tasks_total += len(skipped)
+        self.log("train/skipped_tasks", float(len(skipped)), reduce_fx="sum", batch_size=1)
+        self.log("train/skipped_tasks_total", float(self.skipped_tasks_total), batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_tasks_total"] = self.skipped_tasks_total
 
     def on_after_backward(self) -> None:
         """Under DDP, stop a meta-step in which some meta-parameters got no meta-gradient, before it is applied.
@@ -170,7 +206,7 @@ class MetaLearningModule(pl.LightningModule):
         alike. Incompatible: the checkpoint's tensors do not fit this module (missing, extra or reshaped), or the
         configuration saved with it (under LightningCLI) differs in the learner or the outer optimizer, whose
         state would be restored into the wrong parameters or the wrong algorithm. The estimator and schedules may
-        change (e.g. more inner steps at test time).
+        change (e.g. more inner steps at test time). Also restores the count of skipped tasks.
         """
         saved, current = checkpoint.get("state_dict", {}), self.state_dict()
         problems = [f"{key}: missing from the checkpoint" for key in sorted(current.keys() - saved.keys())]
@@ -192,6 +228,7 @@ class MetaLearningModule(pl.LightningModule):
                 "The checkpoint does not fit this module's configuration:\n  " + "\n  ".join(problems) + "\n"
                 "Resume or evaluate with the configuration it was saved with (the config.yaml next to the logs)."
             )
+        self.skipped_tasks_total = checkpoint.get("skipped_tasks_total", 0)
 
     def optimizer_step(
         self,

@@ -292,7 +292,10 @@ def test_checkpoint_of_a_module_built_in_python_loads_with_its_learner_and_estim
     run.fit(module, loader(sinusoid_batches(2)))
     path = tmp_path / "meta.ckpt"
     run.save_checkpoint(path)
-    assert dict(torch.load(path, weights_only=True)["hyper_parameters"]) == {"lr_scheduler_interval": "step"}
+    assert dict(torch.load(path, weights_only=True)["hyper_parameters"]) == {
+        "lr_scheduler_interval": "step",
+        "on_inner_fault": "stop",
+    }
     restored = MetaLearningModule.load_from_checkpoint(
         path, learner=ComplexSynapse(MLP(hidden=(16,)), loss="mse"), estimator=module.estimator
     )

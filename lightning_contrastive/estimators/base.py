@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import Tensor
@@ -22,11 +22,16 @@ class TaskEstimate:
             task's meta-gradient estimate (its value has no meaning of its own).
         adapted: the task's fast parameters after learning its support set (detached).
         inner_losses: the objective at the end of each inner phase, by phase name (detached).
+        faults: by phase name, a boolean scalar tensor that is True when the phase failed: it produced NaN or
+            inf, or (nudged phases) diverged. Kept on the device; :func:`~lightning_contrastive.meta_gradient.estimate`
+            reads all of a meta-batch's flags at once. An estimator that reports none is still checked through
+            its surrogate.
     """
 
     surrogate: Tensor
     adapted: Params
     inner_losses: dict[str, Tensor]
+    faults: dict[str, Tensor] = field(default_factory=dict)
 
 
 def detached(params: Params) -> Params:

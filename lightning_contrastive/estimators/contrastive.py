@@ -51,6 +51,11 @@ class Contrastive(Estimator):
         query_subsample: evaluate each nudged step's query loss on this many queries drawn at random
             without replacement (from torch's global generator, so ``torch.manual_seed`` fixes them);
             ``None`` (default) uses every query, as does a number >= the task's query count.
+        divergence_ratio: a nudged phase counts as diverged (a fault, see ``TaskEstimate.faults``) when its
+            objective moves by more than this many times ``L_in + beta L_query`` at ``phi_0``. A nudge is meant to
+            move the solution by O(beta), and with nonnegative losses a descent on ``L_beta`` from ``phi_0`` can
+            lower it by at most that much; a larger move is a step size too large for the nudged objective, or
+            an ``L_-beta`` unbounded below (e.g. MSE on an unbounded network).
     """
 
     batchable = True
@@ -65,6 +70,7 @@ class Contrastive(Estimator):
         inner_momentum: float = 0.9,
         nudged_lr: float | None = None,
         query_subsample: int | None = None,
+        divergence_ratio: float = 10.0,
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
         if isinstance(beta, bool) or not beta > 0:
@@ -73,12 +79,15 @@ class Contrastive(Estimator):
         check_steps("nudged_steps", nudged_steps)
         if query_subsample is not None:
             check_steps("query_subsample", query_subsample)
+        if isinstance(divergence_ratio, bool) or not divergence_ratio > 0:
+            raise ValueError(f"divergence_ratio must be > 0; got {divergence_ratio!r}.")
         self.beta = float(beta)
         self.symmetric = symmetric
         self.free_steps = free_steps
         self.nudged_steps = nudged_steps
         self.nudged_optimizer = InnerSGD(inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
         self.query_subsample = query_subsample
+        self.divergence_ratio = float(divergence_ratio)
 
     @property
     def adaptation_steps(self) -> int:
@@ -102,16 +111,23 @@ class Contrastive(Estimator):
 
         free = self.adapt(learner, meta, task.support)
         plus = nudged(self.beta)
+        nudge_scale = plus.start_loss.abs()  # L_in + beta L_query at phi_0, which bounds |L_-beta(phi_0)| too
+        faults = {"free": ~free.finite, "nudged_pos": self._failed(plus, nudge_scale)}
         if self.symmetric:
             minus = nudged(-self.beta)
             surrogate = (augmented(plus.params, meta, self.beta) - augmented(minus.params, meta, -self.beta)) / (
                 2 * self.beta
             )
             inner_losses = {"free": free.loss, "nudged_pos": plus.loss, "nudged_neg": minus.loss}
+            faults["nudged_neg"] = self._failed(minus, nudge_scale)
         else:
             surrogate = (augmented(plus.params, meta, self.beta) - augmented(free.params, meta, 0.0)) / self.beta
             inner_losses = {"free": free.loss, "nudged_pos": plus.loss}
-        return TaskEstimate(surrogate=surrogate, adapted=free.params, inner_losses=inner_losses)
+        return TaskEstimate(surrogate=surrogate, adapted=free.params, inner_losses=inner_losses, faults=faults)
+
+    def _failed(self, phase: Phase, scale: Tensor) -> Tensor:
+        """Whether a nudged phase went non-finite or moved its objective by more than ``divergence_ratio * scale``."""
+        return ~phase.finite | ((phase.loss - phase.start_loss).abs() > self.divergence_ratio * scale)
 
     def _nudged_queries(self, query: Split) -> Iterator[Split]:
         """The query set of each nudged step: all of it, or a fresh random ``query_subsample`` of it.

@@ -44,6 +44,7 @@ class MAML(_InnerStepsEstimator):
             surrogate=learner.query_loss(phase.params, meta, task.query),
             adapted=detached(phase.params),
             inner_losses={"free": phase.loss},
+            faults={"free": ~phase.finite},
         )
 
 
@@ -65,4 +66,5 @@ class FirstOrderMAML(_InnerStepsEstimator):
             surrogate=learner.query_loss(straight_through, meta, task.query),
             adapted=phase.params,
             inner_losses={"free": phase.loss},
+            faults={"free": ~phase.finite},
         )

@@ -36,4 +36,9 @@ class Reptile(_InnerStepsEstimator):
             (meta[start] * (meta[start] - phase.params[fast]).detach()).sum()
             for fast, start in learner.initialisations().items()
         )
-        return TaskEstimate(surrogate=surrogate, adapted=phase.params, inner_losses={"free": phase.loss})  # type: ignore[arg-type]
+        return TaskEstimate(
+            surrogate=surrogate,  # type: ignore[arg-type]
+            adapted=phase.params,
+            inner_losses={"free": phase.loss},
+            faults={"free": ~phase.finite},
+        )

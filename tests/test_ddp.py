@@ -154,6 +154,22 @@ def test_one_ddp_meta_step_equals_a_single_process_step_on_both_processes_tasks(
     assert any(not torch.equal(after[name], start[name]) for name in start)
 
 
+def test_a_process_whose_tasks_all_fail_contributes_a_zero_meta_gradient_and_ddp_stays_in_step(tmp_path: Path) -> None:
+    """Under ``on_inner_fault="skip"``, process 1's tasks all fail: it still joins DDP's average, with zeros, so the
+    step is half of process 0's meta-gradient on every process (one that skipped its step would hang the other)."""
+    finished = launch(tmp_path, "--estimators", "contrastive", "--poison-rank", "1")
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    (sound,), (poisoned,) = (load(tmp_path / f"contrastive-rank{rank}.pt") for rank in (0, 1))
+    assert torch.isnan(poisoned["train"][1]).all() and not torch.isnan(sound["train"][1]).any()
+
+    reference = ddp_meta_step.module("contrastive")
+    start = ddp_meta_step.meta_parameters(reference)
+    gradient = reference.meta_gradient(sound)
+    after = load(tmp_path / "contrastive-parameters.pt")
+    expected = {name: value - ddp_meta_step.LEARNING_RATE * gradient[name] / 2 for name, value in start.items()}
+    torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-12)
+
+
 def validate_in_one_process(ddp_run: Path, episodes: int) -> dict[str, float]:
     """``Trainer.validate`` in this process of the module the script validated (its last one, MAML's)."""
     reference = ddp_meta_step.module("maml")

@@ -8,6 +8,8 @@ process (which is why the tests cannot start them inside pytest), and every proc
   meta-batches split over 2 processes (gloo), under the strategy in :data:`STRATEGIES`. Every process
   saves the batches it trained on to ``OUT_DIR/<estimator>-rank<r>.pt``; process 0 also saves the
   meta-parameters after training to ``OUT_DIR/<estimator>-parameters.pt``.
+- with ``--poison-rank R``: the modules skip faulty tasks (``on_inner_fault="skip"``) and process R's tasks
+  get NaN support targets before each step, so that all of them fail there while the other process trains.
 - with ``--evaluate EPISODES``: ``Trainer.validate`` of the last module on that many validation episodes.
   Every process saves the batches it evaluated to ``OUT_DIR/evaluated-rank<r>.pt`` and process 0 the
   logged metrics to ``OUT_DIR/validated.pt``.
@@ -43,12 +45,17 @@ a step where a parameter gets none DDP all-reduces nothing unless told to look f
 LEARNING_RATE = 0.1
 
 
-def module(estimator: str) -> MetaLearningModule:
+def module(estimator: str, on_inner_fault: str = "stop") -> MetaLearningModule:
     """A complex synapse on a 1-8-1 MLP with learned strengths, in float64, meta-trained by SGD."""
     torch.manual_seed(0)
     learner = ComplexSynapse(MLP(hidden=(8,)), loss="mse", init_lambda=1.0, learn_lambda=True)
     optimizer = partial(torch.optim.SGD, lr=LEARNING_RATE)
-    return MetaLearningModule(learner, ESTIMATORS[estimator](), optimizer=optimizer).double()
+    return MetaLearningModule(
+        learner,
+        ESTIMATORS[estimator](),
+        optimizer=optimizer,
+        on_inner_fault=on_inner_fault,  # type: ignore[arg-type]
+    ).double()
 
 
 def data(num_eval_tasks: int = 8) -> SinusoidDataModule:
@@ -75,13 +82,26 @@ class BatchRecorder(pl.Callback):
         self.batches.append(batch)
 
 
-def trainer(recorder: BatchRecorder, strategy: str, **kwargs: Any) -> pl.Trainer:
+class Poison(pl.Callback):
+    """Puts NaN into every support target of process ``rank``'s training batches, before the step sees them."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank == self.rank:
+            batch["train"][1].fill_(float("nan"))
+
+
+def trainer(recorder: BatchRecorder, strategy: str, *callbacks: pl.Callback, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
         precision="64-true",
-        callbacks=[recorder],
+        callbacks=[*callbacks, recorder],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -101,13 +121,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--strategy", help="the strategy for every estimator (default: STRATEGIES, else ddp)")
     parser.add_argument("--evaluate", type=int, metavar="EPISODES", help="then validate on this many episodes")
+    parser.add_argument("--poison-rank", type=int, help="skip faulty tasks, and make every task of this rank fail")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the processes share the machine's cores
 
     meta_learner = None
+    poison = () if args.poison_rank is None else (Poison(args.poison_rank),)
     for name in args.estimators:
-        meta_learner, recorder = module(name), BatchRecorder()
-        run = trainer(recorder, args.strategy or STRATEGIES.get(name, "ddp"), max_steps=args.steps, limit_val_batches=0)
+        meta_learner, recorder = module(name, "stop" if args.poison_rank is None else "skip"), BatchRecorder()
+        strategy = args.strategy or STRATEGIES.get(name, "ddp")
+        run = trainer(recorder, strategy, *poison, max_steps=args.steps, limit_val_batches=0)
         run.fit(meta_learner, datamodule=data())
         torch.save(recorder.batches, args.out_dir / f"{name}-rank{run.global_rank}.pt")
         if run.is_global_zero:

@@ -163,6 +163,14 @@ def make_meta_step(
     return floor_step
 
 
+def synchronised(device: torch.device, run: Callable[[], Any]) -> Any:
+    """``run()``, returning once the accelerator has finished its work (CUDA runs asynchronously)."""
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result
+
+
 def timed(run: Callable[[], Any], min_seconds: float, max_runs: int = 50) -> tuple[list[float], Any]:
     """Run ``run`` at least once and until ``min_seconds`` have passed; the time of each run and the last result."""
     times: list[float] = []
@@ -212,16 +220,17 @@ def profile_worker(spec: dict) -> dict:
 
 
 def batched_worker(spec: dict) -> dict:
-    """Looped and batched meta-steps of every batchable method, interleaved in this process."""
+    """Looped and batched meta-steps of every batchable method, interleaved in this process, on ``spec["device"]``."""
     from lightning_contrastive.meta_gradient import choose_batched
 
+    device = torch.device(spec["device"])
     problem = PROBLEMS[spec["problem"]]
-    batch = torch.load(spec["data"])
+    batch = {key: tuple(t.to(device) for t in pair) for key, pair in torch.load(spec["data"]).items()}
     tasks = len(batch["train"][0])
     rows = []
     for steps in spec["steps"]:
         for method in spec["methods"]:
-            learner = build_learner(problem, learn_lambda=method != "reptile")
+            learner = build_learner(problem, learn_lambda=method != "reptile").to(device)
             estimator = make_estimator(method, steps, problem.beta, {})
             if not estimator.batchable:
                 continue
@@ -229,7 +238,11 @@ def batched_worker(spec: dict) -> dict:
             grads: dict[bool, Grads] = {}
             for repeat in range(spec["repeats"]):
                 for batched in (False, True) if repeat % 2 == 0 else (True, False):
-                    run = partial(meta_gradient, learner, estimator, batch, batched=batched)
+                    run = partial(
+                        synchronised, device, partial(meta_gradient, learner, estimator, batch, batched=batched)
+                    )
+                    if device.type != "cpu":
+                        run()  # kernel selection and allocator warm-up stay out of the timing
                     times, grads[batched] = timed(run, spec["min_seconds"])
                     samples[batched] += times
             scale = max(g.abs().max() for g in grads[False].values())
@@ -526,7 +539,8 @@ class Benchmark:
         )
 
     def batched(self) -> None:
-        print("\n### Looped vs batched (torch.func.vmap over tasks) meta-steps\n")
+        where = torch.cuda.get_device_name(self.args.device) if self.args.device.startswith("cuda") else "the CPU"
+        print(f"\n### Looped vs batched (torch.func.vmap over tasks) meta-steps, on {where}\n")
         rows = []
         for name in tqdm(self.args.problems, desc="batched"):
             steps = self.args.steps if not PROBLEMS[name].is_conv else [min(self.args.steps)]
@@ -539,6 +553,7 @@ class Benchmark:
                 "methods": methods,
                 "repeats": self.rounds(name),
                 "min_seconds": self.args.min_seconds,
+                "device": self.args.device,
             }
             for row in run_worker(spec, self.scratch)["rows"]:
                 tasks = self.tasks(name, batched=True)
@@ -592,6 +607,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--knobs-problem", choices=list(PROBLEMS), default="conv20")
     parser.add_argument("--knobs-steps", type=int, default=100)
     parser.add_argument("--omniglot", type=Path, default=Path(DEFAULT_OMNIGLOT), help="folder of the Omniglot zips")
+    parser.add_argument("--device", default="cpu", help="where the batched section runs (e.g. cuda); others: CPU")
     parser.add_argument("--quick", action="store_true", help="conv5 and sinusoid, T=10, one round, short reference")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

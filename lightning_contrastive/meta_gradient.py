@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +43,25 @@ def compute_dtype(learner: Learner) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Run cuDNN convolutions in true float32 inside the block, whatever the global setting.
+
+    cuDNN convolutions default to TF32 (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), which keeps 10
+    mantissa bits: the contrastive estimate divides differences of such results by beta, and long inner loops
+    compound them. On one H200 (``benchmarks/meta_step.py --device cuda``, Conv4, 16 tasks, T=20) looped and
+    vmapped meta-gradients, which differ only in rounding, disagreed by 3-26% of the largest entry under TF32.
+    Matrix products already default to IEEE float32 in torch.
+    """
+    convolutions = torch.backends.cudnn.conv
+    previous = convolutions.fp32_precision
+    convolutions.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        convolutions.fp32_precision = previous
+
+
 def cast_task(task: Task, dtype: torch.dtype) -> Task:
     """``task`` with floating-point inputs and targets cast to ``dtype`` (class labels unchanged)."""
 
@@ -52,17 +72,21 @@ def cast_task(task: Task, dtype: torch.dtype) -> Task:
 
 
 def choose_batched(learner: Learner, estimator: Estimator, num_tasks: int) -> bool:
-    """What ``batched=None`` picks: vmap over tasks for a batchable estimator, several tasks and a learner
-    without convolutions; a loop over tasks otherwise.
+    """What ``batched=None`` picks: vmap over tasks for a batchable estimator and several tasks, unless the
+    learner has convolutions and runs on the CPU; a loop over tasks otherwise.
 
-    The rule is measured (``benchmarks/meta_step.py``, one CPU thread): for the 1-40-40-1 sinusoid MLP a
+    The rule is measured. On one CPU thread (``benchmarks/meta_step.py``), for the 1-40-40-1 sinusoid MLP a
     vmapped meta-batch of 25 tasks ran the contrastive estimate 7-8x faster than the loop, whose cost is
     per-operator overhead; for Conv4 (2 tasks) vmap took 1.4-2x longer, as it turns each layer's per-task
-    convolutions into one grouped convolution, which CPU kernels run slower than the separate ones. With a
-    single task there is nothing to batch.
+    convolutions into one grouped convolution, which CPU kernels run slower than the separate ones. On one
+    H100 the grouped convolutions win: at the full-size configs (``configs/paper/``, 200 free and 100 nudged
+    steps) a symmetric contrastive meta-step took 12 s vmapped against about 120 s looped for Omniglot 5-way
+    (meta-batch 32), 13 s against 55 s for 20-way (16 tasks) and 9 s against 14 s for miniImageNet (4 tasks),
+    where the loop's thousands of small kernels leave the GPU idle. With a single task there is nothing to batch.
     """
     has_convolutions = any(isinstance(module, nn.modules.conv._ConvNd) for module in learner.modules())
-    return estimator.batchable and num_tasks > 1 and not has_convolutions
+    on_cpu = next(p for _, p in learner.named_meta_parameters()).device.type == "cpu"
+    return estimator.batchable and num_tasks > 1 and not (has_convolutions and on_cpu)
 
 
 FaultPolicy = Literal["stop", "skip"]
@@ -78,11 +102,11 @@ def estimate(
 ) -> MetaEstimate:
     """Run ``estimator`` on every task of a torchmeta-format ``batch`` and average the surrogates.
 
-    Inner phases and surrogates run in float32 or wider with autocast switched off, whatever the
-    caller's precision. ``batched`` picks how the tasks are run: ``False`` loops over them, ``True`` maps
-    the estimator over them with ``torch.func.vmap`` (the same estimate, computed together; memory grows with
-    the number of tasks), ``None`` picks by :func:`choose_batched`. Random draws inside an estimator
-    (``Contrastive(query_subsample=...)``) differ between the two paths.
+    Inner phases and surrogates run in float32 or wider with autocast and TF32 convolutions switched off
+    (:func:`ieee_float32`), whatever the caller's precision. ``batched`` picks how the tasks are run: ``False``
+    loops over them, ``True`` maps the estimator over them with ``torch.func.vmap`` (the same estimate, computed
+    together; memory grows with the number of tasks), ``None`` picks by :func:`choose_batched`. Random draws
+    inside an estimator (``Contrastive(query_subsample=...)``) differ between the two paths.
 
     Faults: once every task's phases have run, their fault flags (NaN or inf in a phase or the surrogate, a
     diverged nudged phase; see ``TaskEstimate.faults``) are read in one host transfer per meta-batch.
@@ -106,7 +130,7 @@ def estimate(
     dtype = compute_dtype(learner)
     live = learner.meta_parameters()
     device_type = next(iter(live.values())).device.type
-    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+    with torch.enable_grad(), torch.autocast(device_type, enabled=False), ieee_float32():
         meta = {name: p.to(dtype) for name, p in live.items()}
         tasks = [cast_task(task, dtype) for task in tasks]
         for task in tasks:  # every task is checked before any inner loop starts

@@ -26,7 +26,7 @@ from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.evaluation import EpisodeMetrics, print_results
 from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import FaultPolicy, cast_task, compute_dtype, estimate
+from lightning_contrastive.meta_gradient import FaultPolicy, cast_task, compute_dtype, estimate, ieee_float32
 from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
 from lightning_contrastive.tasks import Params, Task, split_batch
 
@@ -82,6 +82,9 @@ class MetaLearningModule(pl.LightningModule):
             meta-training is usually measured) or after every training epoch (``"epoch"``). A
             ``ReduceLROnPlateau`` scheduler monitors ``val/query_loss``.
         on_inner_fault: ``"stop"`` (raise) or ``"skip"`` (drop and count) a task whose inner phases failed.
+        batched: how a training batch's tasks run: ``True`` together under ``torch.func.vmap``, ``False`` one
+            after another, ``None`` (default) as :func:`~lightning_contrastive.meta_gradient.choose_batched`
+            picks for the learner, the estimator and the device (vmapped, except convolutions on the CPU).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class MetaLearningModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         on_inner_fault: FaultPolicy = "stop",
+        batched: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(learner, Learner):
@@ -103,6 +107,11 @@ class MetaLearningModule(pl.LightningModule):
             raise ValueError(f'lr_scheduler_interval must be "step" or "epoch"; got {lr_scheduler_interval!r}.')
         if on_inner_fault not in ("stop", "skip"):
             raise ValueError(f'on_inner_fault must be "stop" or "skip"; got {on_inner_fault!r}.')
+        if batched and not estimator.batchable:
+            raise ValueError(
+                f"batched=True, but {type(estimator).__name__} cannot run under torch.func.vmap "
+                "(Estimator.batchable is False). Leave batched=None to let the library choose."
+            )
         self.save_hyperparameters(
             ignore=[] if _built_by_lightning_cli() else ["learner", "estimator", "optimizer", "lr_scheduler"]
         )
@@ -112,6 +121,7 @@ class MetaLearningModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.on_inner_fault = on_inner_fault
+        self.batched = batched
         self.skipped_tasks_total = 0
         self.classification = learner.loss_name == "cross_entropy"
         self.val_episodes = EpisodeMetrics()
@@ -153,7 +163,7 @@ class MetaLearningModule(pl.LightningModule):
         Returns ``None`` (no optimizer step) when every task failed under ``on_inner_fault="skip"`` on one process.
         """
         with _seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):
-            result = estimate(self.learner, self.estimator, batch, on_fault=self.on_inner_fault)
+            result = estimate(self.learner, self.estimator, batch, batched=self.batched, on_fault=self.on_inner_fault)
         if self.on_inner_fault == "skip":
             self._count_skipped(result.skipped)
         if not result.tasks:
@@ -325,7 +335,7 @@ class MetaLearningModule(pl.LightningModule):
         Runs with autograd re-enabled on copies of the batch's tensors, so it works under ``no_grad`` and
         ``inference_mode`` alike.
         """
-        with _autograd_enabled(self.device.type):
+        with _autograd_enabled(self.device.type), ieee_float32():
             tasks = self._checked_tasks(_plain_tensors(batch))
             meta = self._frozen_meta()
             return tasks, [self.estimator.adapt(self.learner, meta, task.support).params for task in tasks]

@@ -8,9 +8,13 @@ nudged step, use the whole query set in the surrogate, and average to the full e
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_contrastive import (
     MAML,
@@ -21,6 +25,7 @@ from lightning_contrastive import (
     FirstOrderMAML,
     Implicit,
     InnerSGD,
+    MetaLearningModule,
     Reptile,
     estimate,
     meta_gradient,
@@ -127,13 +132,34 @@ def test_minimise_under_vmap_equals_a_loop_over_tasks(differentiable: bool) -> N
         torch.testing.assert_close(d_batched, d_looped, rtol=1e-12, atol=1e-12)
 
 
-def test_batched_none_picks_vmap_only_for_batchable_estimators_on_several_tasks_without_convolutions() -> None:
+def test_batched_none_picks_vmap_for_batchable_estimators_on_several_tasks_unless_convolutions_run_on_the_cpu() -> None:
     contrastive = Contrastive()
     convolutional = ComplexSynapse(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)))
     assert choose_batched(complex_synapse(), contrastive, num_tasks=4)
     assert not choose_batched(complex_synapse(), contrastive, num_tasks=1)
     assert not choose_batched(convolutional, contrastive, num_tasks=4)
     assert not choose_batched(complex_synapse(), Implicit(), num_tasks=4)  # its CG stops on a host-side test
+    # Off the CPU (an accelerator; the meta device stands in for one here) grouped convolutions are the faster path.
+    assert choose_batched(convolutional.to("meta"), contrastive, num_tasks=4)
+
+
+def test_the_module_runs_its_tasks_as_batched_says() -> None:
+    def one_sgd_step(batched: bool) -> dict[str, Tensor]:
+        module = MetaLearningModule(
+            complex_synapse(),
+            Contrastive(beta=0.1, free_steps=3, nudged_steps=2),
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            batched=batched,
+        )
+        trainer = pl.Trainer(
+            max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        trainer.fit(module, train_dataloaders=DataLoader([classification_batch()], batch_size=None))
+        return {name: p.detach() for name, p in module.learner.named_meta_parameters()}
+
+    assert_same_gradients(one_sgd_step(batched=True), one_sgd_step(batched=False))
+    with pytest.raises(ValueError, match=r"batched=True, but Implicit cannot run under torch\.func\.vmap"):
+        MetaLearningModule(complex_synapse(), Implicit(), batched=True)
 
 
 def test_batched_true_with_an_estimator_that_cannot_be_vmapped_raises() -> None:

@@ -19,6 +19,7 @@ from lightning_contrastive import (
     estimate,
     meta_gradient,
 )
+from lightning_contrastive.tasks import Params, Split
 
 FEATURES, CLASSES, TASKS = 3, 3, 3
 ESTIMATORS = {
@@ -119,3 +120,25 @@ def test_meta_gradient_works_inside_no_grad() -> None:
     with torch.no_grad():
         gradient = meta_gradient(learner, estimator, batch)
     torch.testing.assert_close(gradient, expected)
+
+
+class PrecisionRecording(ComplexSynapse):
+    """A complex synapse that records cuDNN's float32 convolution mode at every inner-loss evaluation."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(6)
+        network = nn.Sequential(nn.Linear(FEATURES, 5), nn.Tanh(), nn.Linear(5, CLASSES)).double()
+        super().__init__(network, loss="cross_entropy", init_lambda=0.5)
+        self.modes: set[str] = set()
+
+    def inner_loss(self, fast: Params, meta: Params, support: Split) -> Tensor:
+        self.modes.add(torch.backends.cudnn.conv.fp32_precision)
+        return super().inner_loss(fast, meta, support)
+
+
+def test_inner_loops_run_convolutions_in_ieee_float32_and_restore_the_setting() -> None:
+    """cuDNN's default TF32 keeps 10 mantissa bits, which the contrastive difference divides by beta."""
+    learner, before = PrecisionRecording(), torch.backends.cudnn.conv.fp32_precision
+    meta_gradient(learner, ESTIMATORS["contrastive"], make_batch())
+    assert learner.modes == {"ieee"}
+    assert torch.backends.cudnn.conv.fp32_precision == before == "tf32"

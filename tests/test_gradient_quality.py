@@ -1,0 +1,68 @@
+"""The gradient-quality study (``benchmarks/gradient_quality.py``) in its quick form: the exact meta-gradient is right,
+and each estimator approaches it as theory says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_quality.py"
+
+
+def load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gradient_quality", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, Path, dict]:
+    benchmark = load_benchmark()
+    out = tmp_path_factory.mktemp("gradient_quality")
+    path = benchmark.run(out, quick=True, figure=out / "gradient_quality.png")
+    return benchmark, path, json.loads(path.read_text())
+
+
+def test_the_exact_gradient_is_exact(quick_run: tuple[ModuleType, Path, dict]) -> None:
+    _, _, results = quick_run
+    assert results["exact"]["hessian_positive_definite"]
+    assert max(results["exact"]["inner_gradient_norm_per_task"]) < 1e-10
+    assert results["finite_difference_check"]["relative_error"] < 1e-5
+
+
+def test_contrastive_bias_shrinks_like_beta_and_beta_squared(quick_run: tuple[ModuleType, Path, dict]) -> None:
+    _, _, results = quick_run
+    sweep = results["beta_sweep"]
+    assert 0.8 < sweep["one_sided_slope"] < 1.2 and 1.8 < sweep["symmetric_slope"] < 2.2
+    smallest = sweep["betas"].index(min(sweep["betas"]))
+    for rule in ("one_sided", "symmetric"):
+        assert sweep[rule][smallest]["cosine"] > 0.99
+        assert sweep["symmetric"][smallest]["relative_error"] < sweep["one_sided"][smallest]["relative_error"]
+
+
+def test_estimators_against_inner_steps(quick_run: tuple[ModuleType, Path, dict]) -> None:
+    _, _, results = quick_run
+    rows = results["steps_sweep"]["rows"]
+    maml = [row["relative_error"] for row in rows["maml"]]
+    assert maml == sorted(maml, reverse=True) and maml[-1] < 1e-3  # the truncated loop approaches the solution
+    for method in ("implicit", "contrastive_symmetric"):
+        assert rows[method][-1]["cosine"] > 0.99
+    # First-order MAML and Reptile are biased whatever the steps: their error stays large.
+    assert rows["first_order_maml"][-1]["relative_error"] > 0.1 and rows["reptile"][-1]["cosine"] < 0.99
+    assert "learn_lambda=False" in results["steps_sweep"]["reptile_refused_with_learned_strengths"]
+
+
+def test_the_report_and_figure(quick_run: tuple[ModuleType, Path, dict]) -> None:
+    benchmark, path, results = quick_run
+    text = benchmark.report(path)
+    assert "python benchmarks/gradient_quality.py --out DIR" in text and "positive definite: True" in text
+    assert f"{results['beta_sweep']['symmetric_slope']:.2f}" in text
+    assert (path.parent / "gradient_quality.png").stat().st_size > 10_000

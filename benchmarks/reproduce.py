@@ -1,0 +1,867 @@
+"""Reproduce the paper's comparison: every learner with every estimator, under equal budgets, side by side.
+
+For each suite (sinusoid regression with 5 and 10 shots, Omniglot 5-way and 20-way 1-shot on held-out
+characters), each learner (``ComplexSynapse``, ``DualSystem``) and each estimator (``Contrastive`` one-sided
+and symmetric, ``MAML``, ``FirstOrderMAML``, ``Implicit``, ``Reptile``), one *cell* meta-trains with
+``MetaLearningModule`` and a plain ``pl.Trainer`` built by the CLI from ``configs/reproduce/<suite>/<cell>.yaml``
+and tests on the suite's fixed meta-test episodes (the same for every cell), recording the meta-test metric with
+its 95% confidence interval, the wall-clock per meta-step and the peak resident memory of its process. A cell
+``untrained`` per learner tests the same network adapted from its untrained start. Pairs an estimator refuses
+(``estimator.check_learner`` raises ``ValueError``) are recorded as n/a with that error's text; ``ComplexSynapse``
+with fixed strengths (``reptile_lambda_fixed``) gives Reptile a row anyway.
+
+Equal budgets: within a suite every estimator takes the same inner steps (MAML's unroll, Implicit's, first-order
+MAML's and Reptile's inner steps, and the contrastive free phase), the same inner SGD (lr, momentum), meta-steps,
+meta-batch, outer optimizer (Adam, also for Reptile, whose meta-gradient ``theta - phi_T`` is usually applied by
+SGD), seed and meta-test episodes; the contrastive rule takes its nudged steps on top (per phase: twice for the
+symmetric rule). Test-time adaptation runs every estimator's ``adapt``: the same inner steps for all.
+
+    python benchmarks/reproduce.py                          # the full run (~75 min on 2 cores, 2 workers)
+    python benchmarks/reproduce.py --only omniglot_5way --learners complex_synapse --estimators maml
+    python benchmarks/reproduce.py --report                 # RESULTS.md and docs/ figures from the JSONs
+    python benchmarks/reproduce.py --smoke --out /tmp/smoke # everything tiny: checks the orchestration
+    python benchmarks/reproduce.py --write-configs          # regenerate configs/reproduce/ from SUITES
+
+One cell by hand (what a worker runs, minus timing):
+``OMP_NUM_THREADS=1 lightning-contrastive fit --config configs/reproduce/omniglot_5way/complex_synapse__maml.yaml``
+then ``test`` with ``--ckpt_path`` (the configs turn checkpointing off; add ``--trainer.enable_checkpointing=true``).
+
+Every cell runs in a fresh subprocess (peak RSS cannot be reset) with one torch thread and writes one JSON file
+under ``--out``; a rerun skips cells whose JSON exists, so an interrupted reproduction resumes. A cell that
+crashes or diverges records its error and shows as ``failed: <reason>`` without stopping the others. The
+gradient-quality stage (``benchmarks/gradient_quality.py``) runs as one more job of the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+CONFIGS = REPOSITORY / "configs" / "reproduce"
+DEFAULT_OUT = REPOSITORY / "benchmarks" / "results" / "reproduce"
+OMNIGLOT_ROOT_ENV_VAR = "LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT"
+OMNIGLOT_ROOTS = (REPOSITORY.parent / "shared" / "data" / "omniglot", Path("/work/shared/data/omniglot"))
+GRADIENT_QUALITY = "gradient_quality"
+RUN_INFO = "run.json"
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark problem and the budget every estimator gets on it.
+
+    ``inner_steps`` is every estimator's number of inner steps (the contrastive free phase); the contrastive
+    rule adds ``nudged_steps`` per nudged phase. ``eval_tasks`` fixed meta-test episodes, seeded by ``SEED``.
+    """
+
+    name: str
+    title: str
+    data: str  # "sinusoid" or "omniglot"
+    shots: int
+    test_shots: int
+    ways: int
+    meta_steps: int
+    meta_batch: int
+    inner_steps: int
+    nudged_steps: int
+    inner_lr: float
+    inner_momentum: float
+    beta: float
+    outer_lr: float
+    eval_tasks: int
+    eval_batch: int
+    channels: int = 0  # Conv4 channels (Omniglot)
+    init_lambda: float = 1.0  # ComplexSynapse starting strength
+    pull: float = 1.0  # DualSystem pull toward the fast system's learned start
+
+    @property
+    def metric(self) -> str:
+        """The metric the suite's table reports: ``accuracy`` for classification, else ``query_loss`` (MSE)."""
+        return "accuracy" if self.data == "omniglot" else "query_loss"
+
+
+# Budgets measured on this machine (2 shared cores, one thread per worker, two workers), see the report:
+# Omniglot Conv4-32, 10 inner / 5 nudged steps: 5-way meta-batch 4 costs ~0.9 s per symmetric contrastive
+# meta-step, 0.55 s MAML, 0.7 s Implicit; 20-way (5 queries per class) meta-batch 2: 1.1 s, 0.65 s, 0.95 s;
+# a meta-test episode 0.03 s (5-way) and 0.07 s (20-way). Sinusoid: 0.02-0.08 s per meta-step.
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (
+        Suite(
+            name="sinusoid_5shot",
+            title="Sinusoid regression, 5 shots",
+            data="sinusoid",
+            shots=5,
+            test_shots=10,
+            ways=1,
+            meta_steps=600,
+            meta_batch=5,
+            inner_steps=20,
+            nudged_steps=10,
+            inner_lr=0.005,
+            inner_momentum=0.9,
+            beta=0.03,
+            outer_lr=3e-3,
+            eval_tasks=600,
+            eval_batch=100,
+        ),
+        Suite(
+            name="sinusoid_10shot",
+            title="Sinusoid regression, 10 shots",
+            data="sinusoid",
+            shots=10,
+            test_shots=10,
+            ways=1,
+            meta_steps=600,
+            meta_batch=5,
+            inner_steps=20,
+            nudged_steps=10,
+            inner_lr=0.005,
+            inner_momentum=0.9,
+            beta=0.03,
+            outer_lr=3e-3,
+            eval_tasks=600,
+            eval_batch=100,
+        ),
+        Suite(
+            name="omniglot_5way",
+            title="Omniglot 5-way 1-shot",
+            data="omniglot",
+            shots=1,
+            test_shots=5,
+            ways=5,
+            meta_steps=300,
+            meta_batch=4,
+            inner_steps=10,
+            nudged_steps=5,
+            inner_lr=0.05,
+            inner_momentum=0.9,
+            beta=0.1,
+            outer_lr=1e-3,
+            eval_tasks=400,
+            eval_batch=50,
+            channels=32,
+            init_lambda=0.5,
+            pull=0.5,
+        ),
+        Suite(
+            name="omniglot_20way",
+            title="Omniglot 20-way 1-shot",
+            data="omniglot",
+            shots=1,
+            test_shots=5,
+            ways=20,
+            meta_steps=250,
+            meta_batch=2,
+            inner_steps=10,
+            nudged_steps=5,
+            inner_lr=0.05,
+            inner_momentum=0.9,
+            beta=0.1,
+            outer_lr=1e-3,
+            eval_tasks=400,
+            eval_batch=50,
+            channels=32,
+            init_lambda=0.5,
+            pull=0.5,
+        ),
+    )
+}
+
+LEARNERS = {"complex_synapse": "ComplexSynapse", "dual_system": "DualSystem"}
+ESTIMATORS = {
+    "untrained": "untrained start",
+    "contrastive_symmetric": "Contrastive symmetric",
+    "contrastive_one_sided": "Contrastive one-sided",
+    "maml": "MAML",
+    "implicit": "Implicit",
+    "fomaml": "FirstOrderMAML",
+    "reptile": "Reptile",
+    "reptile_lambda_fixed": "Reptile (lambda fixed)",
+}
+"""Cell names and their labels, in table order. ``reptile_lambda_fixed`` exists for ComplexSynapse only."""
+
+SMOKE = {"meta_steps": 3, "inner_steps": 3, "nudged_steps": 2, "eval_tasks": 8, "eval_batch": 4}
+"""``--smoke``: every suite shrunk to this, through CLI overrides on the same configs."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a learner with an estimator on a suite."""
+
+    suite: str
+    learner: str
+    estimator: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.learner}__{self.estimator}"
+
+    @property
+    def config(self) -> Path:
+        return CONFIGS / self.suite / f"{self.name}.yaml"
+
+    def result_path(self, out: Path) -> Path:
+        return out / self.suite / f"{self.name}.json"
+
+
+def all_cells() -> list[Cell]:
+    """Every cell, in table order."""
+    return [
+        Cell(suite, learner, estimator)
+        for suite in SUITES
+        for learner in LEARNERS
+        for estimator in ESTIMATORS
+        if not (estimator == "reptile_lambda_fixed" and learner != "complex_synapse")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- configurations
+def cell_config(cell: Cell) -> dict[str, Any]:
+    """The LightningCLI configuration of ``cell``: what ``configs/reproduce/<suite>/<cell>.yaml`` holds."""
+    suite = SUITES[cell.suite]
+    if suite.data == "sinusoid":
+        backbone = {
+            "class_path": "lightning_contrastive.networks.MLP",
+            "init_args": {"in_features": 1, "hidden": [40, 40], "out_features": 1},
+        }
+        loss = "mse"
+        data = {
+            "class_path": "lightning_contrastive.data.SinusoidDataModule",
+            "init_args": {
+                "shots": suite.shots,
+                "test_shots": suite.test_shots,
+                "batch_size": suite.meta_batch,
+                "eval_batch_size": suite.eval_batch,
+                "num_eval_tasks": suite.eval_tasks,
+                "seed": SEED,
+            },
+        }
+    else:
+        backbone = {
+            "class_path": "lightning_contrastive.networks.Conv4",
+            "init_args": {"in_channels": 1, "ways": suite.ways, "channels": suite.channels, "image_size": 28},
+        }
+        loss = "cross_entropy"
+        data = {
+            "class_path": "lightning_contrastive.data.OmniglotDataModule",
+            "init_args": {
+                "root": "../shared/data/omniglot",
+                "ways": suite.ways,
+                "shots": suite.shots,
+                "test_shots": suite.test_shots,
+                "batch_size": suite.meta_batch,
+                "eval_batch_size": suite.eval_batch,
+                "num_train_tasks": suite.meta_steps * suite.meta_batch,  # every meta-training task is fresh
+                "num_eval_tasks": suite.eval_tasks,
+                "seed": SEED,
+            },
+        }
+    if cell.learner == "complex_synapse":
+        learner = {
+            "class_path": "lightning_contrastive.ComplexSynapse",
+            "init_args": {
+                "backbone": backbone,
+                "loss": loss,
+                "init_lambda": suite.init_lambda,
+                "learn_lambda": cell.estimator != "reptile_lambda_fixed",
+            },
+        }
+    else:
+        learner = {
+            "class_path": "lightning_contrastive.DualSystem",
+            "init_args": {"primary": backbone, "loss": loss, "pull": suite.pull, "modulator": "per_neuron"},
+        }
+    inner = {"inner_lr": suite.inner_lr, "inner_momentum": suite.inner_momentum}
+    if cell.estimator.startswith("contrastive") or cell.estimator == "untrained":
+        # The untrained start is tested with the symmetric rule's adapt: the same inner steps as every estimator.
+        estimator_args = {
+            "beta": suite.beta,
+            "symmetric": cell.estimator != "contrastive_one_sided",
+            "free_steps": suite.inner_steps,
+            "nudged_steps": suite.nudged_steps,
+            **inner,
+        }
+        estimator = {"class_path": "lightning_contrastive.Contrastive", "init_args": estimator_args}
+    else:
+        class_name = {"maml": "MAML", "fomaml": "FirstOrderMAML", "implicit": "Implicit"}.get(cell.estimator, "Reptile")
+        estimator = {
+            "class_path": f"lightning_contrastive.{class_name}",
+            "init_args": {"inner_steps": suite.inner_steps, **inner},
+        }
+    return {
+        "seed_everything": SEED,
+        "trainer": {
+            "max_steps": 0 if cell.estimator == "untrained" else suite.meta_steps,
+            "limit_val_batches": 0,  # the test episodes are the measure; validating would only add time
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "learner": learner,
+            "estimator": estimator,
+            "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": suite.outer_lr}},
+        },
+        "data": data,
+    }
+
+
+def config_text(cell: Cell) -> str:
+    """The YAML file of ``cell``, with a header saying how it was made and how to run it."""
+    subcommand = "test" if cell.estimator == "untrained" else "fit"
+    header = (
+        f"# {SUITES[cell.suite].title}: {LEARNERS[cell.learner]} with {ESTIMATORS[cell.estimator]}; generated by\n"
+        "# `python benchmarks/reproduce.py --write-configs` from its SUITES table (edit there, not here).\n"
+        f"#   OMP_NUM_THREADS=1 lightning-contrastive {subcommand} --config {cell.config.relative_to(REPOSITORY)}\n"
+    )
+    return header + yaml.safe_dump(cell_config(cell), sort_keys=False)
+
+
+def write_configs() -> list[Path]:
+    """(Re)write every cell's configuration file; returns their paths."""
+    paths = []
+    for cell in all_cells():
+        cell.config.parent.mkdir(parents=True, exist_ok=True)
+        cell.config.write_text(config_text(cell))
+        paths.append(cell.config)
+    return paths
+
+
+def instantiate(spec: Any) -> Any:
+    """Build the object a ``class_path``/``init_args`` entry describes (nested entries included)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module_name, class_name = spec["class_path"].rsplit(".", 1)
+        arguments = {key: instantiate(value) for key, value in spec.get("init_args", {}).items()}
+        return getattr(importlib.import_module(module_name), class_name)(**arguments)
+    return spec
+
+
+def smoke_overrides(cell: Cell) -> list[str]:
+    """CLI overrides that shrink ``cell`` to ``SMOKE``: a few meta-steps, inner steps and test episodes."""
+    suite = SUITES[cell.suite]
+    steps = (
+        [
+            f"--model.estimator.free_steps={SMOKE['inner_steps']}",
+            f"--model.estimator.nudged_steps={SMOKE['nudged_steps']}",
+        ]
+        if cell.estimator.startswith("contrastive") or cell.estimator == "untrained"
+        else [f"--model.estimator.inner_steps={SMOKE['inner_steps']}"]
+    )
+    data = [f"--data.num_eval_tasks={SMOKE['eval_tasks']}", f"--data.eval_batch_size={SMOKE['eval_batch']}"]
+    if suite.data == "omniglot":
+        data.append(f"--data.num_train_tasks={SMOKE['meta_steps'] * suite.meta_batch}")
+    trained = cell.estimator != "untrained"
+    return [*([f"--trainer.max_steps={SMOKE['meta_steps']}"] if trained else []), *steps, *data]
+
+
+def omniglot_root() -> Path:
+    """``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else the first of ``OMNIGLOT_ROOTS`` that exists."""
+    if os.environ.get(OMNIGLOT_ROOT_ENV_VAR):
+        return Path(os.environ[OMNIGLOT_ROOT_ENV_VAR])
+    return next((root for root in OMNIGLOT_ROOTS if root.is_dir()), OMNIGLOT_ROOTS[0])
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+@dataclass
+class CellResult:
+    """What one cell's JSON file holds. ``status``: ``ok``, ``n/a`` (refused pair) or ``failed``."""
+
+    suite: str
+    learner: str
+    estimator: str
+    status: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds_per_meta_step: float | None = None
+    meta_steps: int = 0
+    peak_rss_mib: float | None = None
+    wall_s: float | None = None
+    skipped_tasks: float | None = None
+    command: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+class StepTimer(pl.Callback):
+    """Records each meta-step's wall-clock (batch start to batch end: estimate, backward, outer update).
+
+    Also sums ``train/skipped_tasks`` over the steps when the module logs it (inner-loop faults skipped under
+    ``on_inner_fault="skip"``).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.skipped_tasks: float | None = None
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+        skipped = trainer.callback_metrics.get("train/skipped_tasks")
+        if skipped is not None:
+            self.skipped_tasks = (self.skipped_tasks or 0.0) + float(skipped)
+
+
+def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellResult:
+    """Meta-train and test ``cell`` in this process and write its JSON to ``result_path``.
+
+    Never raises for the cell's own failures: a refused pair is recorded as ``n/a`` with the ``ValueError`` of
+    ``estimator.check_learner``, and any exception or a non-finite test metric as ``failed``.
+    """
+    torch.set_num_threads(1)
+    from lightning_contrastive.cli import MetaLearningCLI
+    from lightning_contrastive.module import MetaLearningModule
+
+    start = time.perf_counter()
+    overrides = list(overrides)
+    if SUITES[cell.suite].data == "omniglot":
+        overrides.insert(0, f"--data.root={omniglot_root()}")
+    if "on_inner_fault" in inspect.signature(MetaLearningModule.__init__).parameters:
+        overrides.append("--model.on_inner_fault=skip")
+    result = CellResult(cell.suite, cell.learner, cell.estimator, status="ok", overrides=overrides)
+    subcommand = "test" if cell.estimator == "untrained" else "fit"
+    result.command = shlex.join(
+        ["lightning-contrastive", subcommand, "--config", str(cell.config.relative_to(REPOSITORY)), *overrides]
+    )
+    try:
+        model = cell_config(cell)["model"]
+        try:
+            instantiate(model["estimator"]).check_learner(instantiate(model["learner"]))
+        except ValueError as refusal:
+            result.status, result.reason = "n/a", str(refusal)
+        else:
+            cli = MetaLearningCLI(args=[f"--config={cell.config}", *overrides], run=False, save_config_callback=None)
+            timer = StepTimer()
+            cli.trainer.callbacks.append(timer)
+            if cell.estimator != "untrained":
+                cli.trainer.fit(cli.model, cli.datamodule)
+            (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+            result.metrics = {name.removeprefix("test/"): float(value) for name, value in metrics.items()}
+            result.meta_steps = len(timer.seconds)
+            if len(timer.seconds) > 1:  # the first step pays one-off costs (allocations, lazy imports)
+                result.seconds_per_meta_step = sum(timer.seconds[1:]) / (len(timer.seconds) - 1)
+            result.skipped_tasks = timer.skipped_tasks
+            bad = [name for name, value in result.metrics.items() if not math.isfinite(value)]
+            if bad:
+                result.status, result.reason = "failed", f"diverged: non-finite {', '.join(bad)}"
+    except Exception as error:  # recorded, so that one cell cannot stop the reproduction
+        traceback.print_exc()
+        result.status, result.reason = "failed", f"{type(error).__name__}: {error}"
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result.wall_s = time.perf_counter() - start
+    write_json(result_path, asdict(result))
+    return result
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` atomically (a rename), so that an interrupted write never leaves a file that counts as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(data, indent=2, allow_nan=True))
+    partial.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------- orchestration
+def worker_environment() -> dict[str, str]:
+    """This environment, with one thread per process and this repository first on ``PYTHONPATH``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def launch_cell(cell: Cell, out: Path, overrides: Sequence[str]) -> str:
+    """Run ``cell`` in a fresh subprocess; if it dies without writing its JSON, record that as its failure."""
+    path = cell.result_path(out)
+    log = path.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--run-cell", cell.suite, cell.learner, cell.estimator]
+    command += ["--out", str(out), *(f"--set={override}" for override in overrides)]
+    with log.open("w") as stream:
+        process = subprocess.run(
+            command, stdout=stream, stderr=subprocess.STDOUT, env=worker_environment(), cwd=REPOSITORY
+        )
+    if not path.exists():
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        reason = f"process exited with code {process.returncode}: {tail[0]}"
+        write_json(path, asdict(CellResult(cell.suite, cell.learner, cell.estimator, status="failed", reason=reason)))
+    return f"{cell.suite}/{cell.name}: {json.loads(path.read_text())['status']}"
+
+
+def launch_gradient_quality(out: Path, quick: bool) -> str:
+    """Run ``benchmarks/gradient_quality.py --out OUT/gradient_quality [--quick]`` in a subprocess."""
+    folder = out / GRADIENT_QUALITY
+    folder.mkdir(parents=True, exist_ok=True)
+    script = REPOSITORY / "benchmarks" / "gradient_quality.py"
+    if not script.exists():
+        return f"{GRADIENT_QUALITY}: skipped ({script} not found)"
+    command = [sys.executable, str(script), "--out", str(folder), *(["--quick"] if quick else [])]
+    with (folder / "stage.log").open("w") as stream:
+        process = subprocess.run(
+            command, stdout=stream, stderr=subprocess.STDOUT, env=worker_environment(), cwd=REPOSITORY
+        )
+    return f"{GRADIENT_QUALITY}: exit code {process.returncode}"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, Python and torch versions of this machine, and the threads each worker uses."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor() or "unknown",
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads_per_worker": 1,
+    }
+
+
+def reproduce(
+    cells: Sequence[Cell], out: Path, workers: int, smoke: bool, extra: Sequence[str], gradient_quality: bool
+) -> list[str]:
+    """Run every cell whose JSON is missing (and the gradient-quality stage) on a pool of ``workers`` processes.
+
+    The most expensive jobs start first (the gradient-quality stage, then Omniglot 20-way, 5-way, sinusoid), so
+    that the pool's last minutes are not spent on one long job. Returns one status line per job.
+    """
+    pending = [cell for cell in cells if not cell.result_path(out).exists()]
+    print(
+        f"{len(cells) - len(pending)} of {len(cells)} cells already done in {out}; running {len(pending)}.", flush=True
+    )
+    info_path = out / RUN_INFO
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info.setdefault("commands", []).append(shlex.join([Path(sys.executable).name, *sys.argv]))
+    info.update(
+        machine=machine(), smoke=smoke, seed=SEED, suites={name: asdict(suite) for name, suite in SUITES.items()}
+    )
+    info["smoke_budget"] = SMOKE if smoke else None
+    write_json(info_path, info)
+    order = ["omniglot_20way", "omniglot_5way"]
+    pending.sort(key=lambda cell: order.index(cell.suite) if cell.suite in order else len(order))
+    lines: list[str] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(launch_gradient_quality, out, smoke)] if gradient_quality else []
+        jobs += [
+            pool.submit(launch_cell, cell, out, [*(smoke_overrides(cell) if smoke else []), *extra]) for cell in pending
+        ]
+        for job in jobs:
+            lines.append(job.result())
+            print(lines[-1], flush=True)
+    return lines
+
+
+def estimate_seconds(cells: Iterable[Cell], seconds_per_step: dict[str, dict[str, float]]) -> float:
+    """Worker-seconds the cells need: meta-steps times measured seconds per meta-step, test episodes, start-up."""
+    startup, per_episode = 10.0, {"sinusoid": 0.002, "omniglot_5way": 0.03, "omniglot_20way": 0.07}
+    total = 0.0
+    for cell in cells:
+        suite = SUITES[cell.suite]
+        steps = 0 if cell.estimator == "untrained" else suite.meta_steps
+        step = seconds_per_step[cell.suite].get(cell.estimator.removesuffix("_lambda_fixed"), 0.0)
+        total += startup + steps * step + suite.eval_tasks * per_episode.get(cell.suite, per_episode["sinusoid"])
+    return total
+
+
+MEASURED_SECONDS_PER_STEP = {
+    "sinusoid_5shot": {
+        "contrastive_symmetric": 0.06,
+        "contrastive_one_sided": 0.05,
+        "maml": 0.045,
+        "implicit": 0.09,
+        "fomaml": 0.03,
+        "reptile": 0.03,
+    },
+    "sinusoid_10shot": {
+        "contrastive_symmetric": 0.06,
+        "contrastive_one_sided": 0.05,
+        "maml": 0.045,
+        "implicit": 0.09,
+        "fomaml": 0.03,
+        "reptile": 0.03,
+    },
+    "omniglot_5way": {
+        "contrastive_symmetric": 0.8,
+        "contrastive_one_sided": 0.6,
+        "maml": 0.5,
+        "implicit": 0.6,
+        "fomaml": 0.22,
+        "reptile": 0.22,
+    },
+    "omniglot_20way": {
+        "contrastive_symmetric": 1.1,
+        "contrastive_one_sided": 0.8,
+        "maml": 0.65,
+        "implicit": 0.95,
+        "fomaml": 0.25,
+        "reptile": 0.25,
+    },
+}
+"""Seconds per meta-step measured with these budgets (one thread, two processes at once), for the time estimate."""
+
+
+# ---------------------------------------------------------------------------------------------- report
+def load_results(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every cell's JSON under ``out``, grouped by suite, in table order (missing cells are left out)."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for cell in all_cells():
+        path = cell.result_path(out)
+        if path.exists():
+            results.setdefault(cell.suite, []).append(json.loads(path.read_text()))
+    return results
+
+
+def metric_cell(result: dict[str, Any], suite: Suite) -> str:
+    """``mean ± ci95`` of the suite's metric (accuracy in %), or an empty string when there is none."""
+    metrics = result.get("metrics", {})
+    if suite.metric not in metrics:
+        return ""
+    scale = 100.0 if suite.metric == "accuracy" else 1.0
+    digits = 1 if suite.metric == "accuracy" else 3
+    return f"{scale * metrics[suite.metric]:.{digits}f} ± {scale * metrics[suite.metric + '_ci95']:.{digits}f}"
+
+
+def status_cell(result: dict[str, Any]) -> str:
+    """``ok``, ``n/a: <reason>`` or ``failed: <first 80 characters of the reason>``."""
+    if result["status"] == "ok":
+        skipped = result.get("skipped_tasks")
+        return f"ok ({skipped:g} tasks skipped)" if skipped else "ok"
+    reason = " ".join(result.get("reason", "").split())
+    if result["status"] == "failed" and len(reason) > 80:
+        reason = reason[:77] + "..."
+    return f"{result['status']}: {reason}".replace("|", "\\|")
+
+
+def suite_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of one suite: a row per learner and estimator."""
+    metric = "query accuracy (%)" if suite.metric == "accuracy" else "meta-test MSE"
+    rows = [
+        f"| learner | estimator | {metric} ± 95% CI | s / meta-step | peak process RSS (MiB) | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        step, rss = result.get("seconds_per_meta_step"), result.get("peak_rss_mib")
+        step_text = "" if step is None else f"{step:.3f}"
+        rss_text = "" if rss is None or result["status"] == "n/a" else f"{rss:.0f}"
+        rows.append(
+            f"| {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | {metric_cell(result, suite)} | "
+            f"{step_text} | {rss_text} | {status_cell(result)} |"
+        )
+    return "\n".join(rows)
+
+
+def budget_lines(suites: dict[str, Any]) -> list[str]:
+    """One line per suite with its equal budget."""
+    lines = []
+    for name, suite in suites.items():
+        network = "MLP 1-40-40-1" if suite["data"] == "sinusoid" else f"Conv4 ({suite['channels']} channels)"
+        lines.append(
+            f"- `{name}`: {network}; {suite['shots']} shot(s), {suite['test_shots']} queries"
+            f"{' per class' if suite['data'] == 'omniglot' else ''}; {suite['meta_steps']} meta-steps x meta-batch "
+            f"{suite['meta_batch']}; {suite['inner_steps']} inner steps for every estimator (contrastive: "
+            f"+{suite['nudged_steps']} nudged steps per nudged phase, beta {suite['beta']}); inner SGD lr "
+            f"{suite['inner_lr']}, momentum {suite['inner_momentum']}; Adam lr {suite['outer_lr']}; "
+            f"{suite['eval_tasks']} fixed meta-test episodes; ComplexSynapse init_lambda {suite['init_lambda']}, "
+            f"DualSystem pull {suite['pull']}."
+        )
+    return lines
+
+
+def gradient_quality_section(out: Path) -> str:
+    """The gradient-quality section: ``gradient_quality.report(json)`` of the stage's JSON, if it ran.
+
+    Hook for ``benchmarks/gradient_quality.py`` (``run(out_dir, quick) -> json path``, ``report(json) -> markdown``).
+    """
+    folder = out / GRADIENT_QUALITY
+    found = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    script = REPOSITORY / "benchmarks" / "gradient_quality.py"
+    if not found or not script.exists():
+        return "## Gradient quality\n\nNot run (no JSON under `" + str(folder) + "`)."
+    spec = importlib.util.spec_from_file_location(GRADIENT_QUALITY, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.report(found[0])
+
+
+def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Each suite's metric with its 95% CI per learner and estimator (points with error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in SUITES if name in results]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 4.2), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=False):
+        suite = SUITES[name]
+        scale = 100.0 if suite.metric == "accuracy" else 1.0
+        for offset, (learner, color) in enumerate(zip(LEARNERS, ("tab:blue", "tab:orange"), strict=True)):
+            rows = [r for r in results[name] if r["learner"] == learner and suite.metric in r.get("metrics", {})]
+            positions = [list(ESTIMATORS).index(r["estimator"]) + 0.15 * (2 * offset - 1) for r in rows]
+            axis.errorbar(
+                positions,
+                [scale * r["metrics"][suite.metric] for r in rows],
+                yerr=[scale * r["metrics"][suite.metric + "_ci95"] for r in rows],
+                fmt="o",
+                color=color,
+                capsize=3,
+                label=LEARNERS[learner],
+            )
+        axis.set_xticks(range(len(ESTIMATORS)), list(ESTIMATORS.values()), rotation=60, ha="right", fontsize=8)
+        axis.set_title(suite.title, fontsize=10)
+        axis.set_ylabel("query accuracy (%)" if suite.metric == "accuracy" else "meta-test MSE (log scale)")
+        if suite.metric != "accuracy":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(out: Path, results_md: Path, figure_path: Path, merged_json: Path) -> str:
+    """Render ``results_md`` (tables, command, machine, budgets, gradient quality), the figure and the merged JSON."""
+    results = load_results(out)
+    info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
+    suites = info.get("suites", {name: asdict(suite) for name, suite in SUITES.items()})
+    figure(results, figure_path)
+    host = info.get("machine", {})
+    lines = [
+        "# Reproduction: learners x estimators under equal budgets",
+        "",
+        "Generated by `python benchmarks/reproduce.py --report` from the per-cell JSON files of the run below.",
+        "Every cell is configured by `configs/reproduce/<suite>/<learner>__<estimator>.yaml`"
+        + (", shrunk by `--smoke` (not a result)." if info.get("smoke") else "."),
+        "",
+        "- command(s): " + "; ".join(f"`{command}`" for command in info.get("commands", ["unknown"])),
+        f"- machine: {host.get('cpu', '?')}, {host.get('cores', '?')} cores (shared with other work), Python "
+        f"{host.get('python', '?')}, torch {host.get('torch', '?')}, {host.get('threads_per_worker', '?')} torch "
+        "thread per process; each cell in a fresh process.",
+        f"- seed: {info.get('seed', SEED)} for every cell (`seed_everything` and the data seed: the same meta-training "
+        "tasks and the same fixed meta-test episodes for every estimator).",
+        "- equal budgets (per suite, every estimator; `Reptile` uses the same Adam outer optimizer on its "
+        "`theta - phi_T` meta-gradient):",
+        *(f"  {line}" for line in budget_lines(suites)),
+        "- s / meta-step: mean wall-clock of the meta-steps after the first, measured inside the process "
+        "(estimate, backward, outer update). Peak memory: the process's peak resident set size "
+        "(`ru_maxrss`, nothing subtracted: it includes Python, torch and the data).",
+        "- `untrained start`: the same network adapted from its untrained start on the same episodes "
+        "(no meta-training).",
+        "",
+        f"![accuracy and MSE per estimator]({figure_path.relative_to(results_md.parent)})"
+        if figure_path.is_relative_to(results_md.parent)
+        else f"Figure: `{figure_path}`",
+    ]
+    for name, rows in results.items():
+        lines += ["", f"## {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
+    lines += ["", gradient_quality_section(out), ""]
+    text = "\n".join(lines)
+    results_md.write_text(text)
+    merged_json.parent.mkdir(parents=True, exist_ok=True)
+    merged_json.write_text(json.dumps({"run": info, "results": results}, indent=2, allow_nan=True))
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def select(only: str | None, learners: str | None, estimators: str | None) -> list[Cell]:
+    """The cells the filters keep (comma-separated names; ``None`` keeps all)."""
+
+    def keep(value: str, allowed: str | None) -> bool:
+        return allowed is None or value in allowed.split(",")
+
+    return [
+        cell
+        for cell in all_cells()
+        if keep(cell.suite, only) and keep(cell.learner, learners) and keep(cell.estimator, estimators)
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder of the per-cell JSONs (default: %(default)s)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="cells run at once, one process each (default 2)")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny budgets ({SMOKE}) to check the orchestration")
+    parser.add_argument("--only", help=f"comma-separated suites among {[*SUITES, GRADIENT_QUALITY]}")
+    parser.add_argument("--learners", help=f"comma-separated among {list(LEARNERS)}")
+    parser.add_argument("--estimators", help=f"comma-separated among {list(ESTIMATORS)}")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="--KEY=VALUE", help="a CLI override for every cell"
+    )
+    parser.add_argument("--report", action="store_true", help="render RESULTS.md, the figure and the merged JSON only")
+    parser.add_argument("--results-md", type=Path, default=REPOSITORY / "RESULTS.md")
+    parser.add_argument("--figure", type=Path, default=REPOSITORY / "docs" / "reproduce_accuracy.png")
+    parser.add_argument("--merged-json", type=Path, default=REPOSITORY / "docs" / "reproduce" / "results.json")
+    parser.add_argument("--write-configs", action="store_true", help="regenerate configs/reproduce/ and exit")
+    parser.add_argument("--run-cell", nargs=3, metavar=("SUITE", "LEARNER", "ESTIMATOR"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for option, names in (
+        ("--only", [*SUITES, GRADIENT_QUALITY]),
+        ("--learners", LEARNERS),
+        ("--estimators", ESTIMATORS),
+    ):
+        value = getattr(args, option.removeprefix("--"))
+        unknown = sorted(set(value.split(",")) - set(names)) if value else []
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}; choose among {list(names)}.")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1; got {args.workers}.")
+    if args.write_configs:
+        print(f"Wrote {len(write_configs())} configurations under {CONFIGS}.")
+    elif args.run_cell:
+        cell = Cell(*args.run_cell)
+        result = run_cell(cell, args.set, cell.result_path(args.out))
+        print(f"{cell.suite}/{cell.name}: {result.status} {result.reason}")
+    elif args.report:
+        print(report(args.out, args.results_md, args.figure, args.merged_json))
+    else:
+        cells = select(args.only, args.learners, args.estimators)
+        gradient_quality = args.only is None or GRADIENT_QUALITY in args.only.split(",")
+        if not args.smoke:
+            hours = estimate_seconds(cells, MEASURED_SECONDS_PER_STEP) / args.workers / 3600
+            print(
+                f"Estimated time: {60 * hours:.0f} min of cells on {args.workers} workers"
+                f"{' plus the gradient-quality stage (~8 min on one worker)' if gradient_quality else ''}.",
+                flush=True,
+            )
+        start = time.perf_counter()
+        reproduce(cells, args.out, args.workers, args.smoke, args.set, gradient_quality)
+        minutes = (time.perf_counter() - start) / 60
+        print(f"Done in {minutes:.1f} min. Render: python benchmarks/reproduce.py --report --out {args.out}")
+
+
+if __name__ == "__main__":
+    main()

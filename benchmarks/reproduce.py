@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -674,6 +675,7 @@ def gradient_quality_section(out: Path) -> str:
     spec = importlib.util.spec_from_file_location(GRADIENT_QUALITY, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[GRADIENT_QUALITY] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.report(found[0])
 
@@ -730,7 +732,11 @@ def report(out: Path, results_md: Path, figure_path: Path, merged_json: Path) ->
         "Every cell is configured by `configs/reproduce/<suite>/<learner>__<estimator>.yaml`"
         + (", shrunk by `--smoke` (not a result)." if info.get("smoke") else "."),
         "",
-        "- command(s): " + "; ".join(f"`{command}`" for command in info.get("commands", ["unknown"])),
+        "- command(s): "
+        + "; ".join(
+            f"`{command}`" + (f" (launched {count} times: resumed)" if count > 1 else "")
+            for command, count in Counter(info.get("commands", ["unknown"])).items()
+        ),
         f"- machine: {host.get('cpu', '?')}, {host.get('cores', '?')} cores (shared with other work), Python "
         f"{host.get('python', '?')}, torch {host.get('torch', '?')}, {host.get('threads_per_worker', '?')} torch "
         "thread per process; each cell in a fresh process.",

@@ -718,8 +718,48 @@ def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return path
 
 
-def report(out: Path, results_md: Path, figure_path: Path, merged_json: Path) -> str:
-    """Render ``results_md`` (tables, command, machine, budgets, gradient quality), the figure and the merged JSON."""
+def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]]:
+    """The cells run again with overrides (``--set``) under each of ``folders``, as one table, and their JSONs.
+
+    Each row shows its overrides beyond the suite's config and the command that ran it.
+    """
+    rows, found = [], []
+    for folder in folders:
+        commands = (
+            json.loads((folder / RUN_INFO).read_text()).get("commands", []) if (folder / RUN_INFO).exists() else []
+        )
+        for result in (r for suite_rows in load_results(folder).values() for r in suite_rows):
+            suite = SUITES[result["suite"]]
+            changed = [o for o in result.get("overrides", []) if not o.startswith("--data.root=")]
+            command = next((c for c in commands if result["estimator"] in c), "")
+            rows.append(
+                f"| {suite.title} | {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | "
+                f"{' '.join(f'`{o}`' for o in changed)} | {metric_cell(result, suite)} | "
+                f"{result['seconds_per_meta_step']:.3f} | {status_cell(result)} | `{command}` |"
+            )
+            found.append(result)
+    header = [
+        "## Variants: single cells with overrides",
+        "",
+        "| suite | learner | estimator | overrides | metric ± 95% CI | s / meta-step | status | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + rows), found
+
+
+def report(
+    out: Path,
+    results_md: Path,
+    figure_path: Path,
+    merged_json: Path,
+    findings: Path | None = None,
+    variants: Sequence[Path] = (),
+) -> str:
+    """Render ``results_md`` (tables, command, machine, budgets, gradient quality), the figure and the merged JSON.
+
+    ``findings``, a hand-written markdown file, is included after the run's description when it exists; the
+    cells under ``variants`` (other ``--out`` folders, run with ``--set`` overrides) get a table of their own.
+    """
     results = load_results(out)
     info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
     suites = info.get("suites", {name: asdict(suite) for name, suite in SUITES.items()})
@@ -755,13 +795,20 @@ def report(out: Path, results_md: Path, figure_path: Path, merged_json: Path) ->
         if figure_path.is_relative_to(results_md.parent)
         else f"Figure: `{figure_path}`",
     ]
+    if findings is not None and findings.exists():
+        lines += ["", findings.read_text().strip()]
     for name, rows in results.items():
         lines += ["", f"## {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
+    variant_results: list[dict[str, Any]] = []
+    if variants:
+        table, variant_results = variants_section(variants)
+        lines += ["", table]
     lines += ["", gradient_quality_section(out), ""]
     text = "\n".join(lines)
     results_md.write_text(text)
     merged_json.parent.mkdir(parents=True, exist_ok=True)
-    merged_json.write_text(json.dumps({"run": info, "results": results}, indent=2, allow_nan=True))
+    merged = {"run": info, "results": results, "variants": variant_results}
+    merged_json.write_text(json.dumps(merged, indent=2, allow_nan=True))
     return text
 
 
@@ -796,6 +843,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--results-md", type=Path, default=REPOSITORY / "RESULTS.md")
     parser.add_argument("--figure", type=Path, default=REPOSITORY / "docs" / "reproduce_accuracy.png")
     parser.add_argument("--merged-json", type=Path, default=REPOSITORY / "docs" / "reproduce" / "results.json")
+    parser.add_argument(
+        "--findings", type=Path, default=REPOSITORY / "docs" / "reproduce" / "findings.md", help="hand-written notes"
+    )
+    parser.add_argument("--variants", type=Path, nargs="*", default=[], help="--out folders of runs with --set")
     parser.add_argument("--write-configs", action="store_true", help="regenerate configs/reproduce/ and exit")
     parser.add_argument("--run-cell", nargs=3, metavar=("SUITE", "LEARNER", "ESTIMATOR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -817,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         result = run_cell(cell, args.set, cell.result_path(args.out))
         print(f"{cell.suite}/{cell.name}: {result.status} {result.reason}")
     elif args.report:
-        print(report(args.out, args.results_md, args.figure, args.merged_json))
+        print(report(args.out, args.results_md, args.figure, args.merged_json, args.findings, args.variants))
     else:
         cells = select(args.only, args.learners, args.estimators)
         gradient_quality = args.only is None or GRADIENT_QUALITY in args.only.split(",")

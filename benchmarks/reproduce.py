@@ -732,10 +732,11 @@ def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]
             suite = SUITES[result["suite"]]
             changed = [o for o in result.get("overrides", []) if not o.startswith("--data.root=")]
             command = next((c for c in commands if result["estimator"] in c), "")
+            step = result.get("seconds_per_meta_step")
             rows.append(
                 f"| {suite.title} | {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | "
                 f"{' '.join(f'`{o}`' for o in changed)} | {metric_cell(result, suite)} | "
-                f"{result['seconds_per_meta_step']:.3f} | {status_cell(result)} | `{command}` |"
+                f"{'' if step is None else f'{step:.3f}'} | {status_cell(result)} | `{command}` |"
             )
             found.append(result)
     header = [

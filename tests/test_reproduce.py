@@ -56,11 +56,22 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
     assert "3 of 3 cells already done" in capsys.readouterr().out
     assert trained.stat().st_mtime_ns == before  # resumed: nothing rerun
 
+    # A variant: one cell again with an override, in a folder of its own, reported in a table of its own.
+    variant = tmp_path / "variant"
+    variant_common = ["--smoke", "--out", str(variant), "--only", "sinusoid_5shot", "--learners", "complex_synapse"]
+    reproduce.main([*variant_common, "--estimators", "untrained", "--set=--data.test_shots=3"])
+
     results_md, figure = tmp_path / "RESULTS.md", tmp_path / "docs" / "accuracy.png"
     merged = tmp_path / "docs" / "results.json"
     outputs = ["--results-md", str(results_md), "--figure", str(figure), "--merged-json", str(merged)]
-    reproduce.main(["--report", "--out", str(out), *outputs])
+    findings = tmp_path / "findings.md"
+    findings.write_text("## Findings\n\nHand-written.")
+    reproduce.main(["--report", "--out", str(out), *outputs, "--findings", str(findings), "--variants", str(variant)])
     text = results_md.read_text()
+    assert "## Findings\n\nHand-written." in text
+    (variant_row,) = [line for line in text.splitlines() if "`--data.test_shots=3`" in line]
+    assert variant_row.startswith("| Sinusoid regression, 5 shots | ComplexSynapse | untrained start |")
+    assert re.search(r"\| \d+\.\d+ ± \d+\.\d+ \|", variant_row)
     assert figure.stat().st_size > 0 and merged.stat().st_size > 0
     rows = {
         tuple(cells[:2]): cells[2:]

@@ -612,8 +612,48 @@ def metric_cell(result: dict[str, Any], suite: Suite) -> str:
     if suite.metric not in metrics:
         return ""
     scale = 100.0 if suite.metric == "accuracy" else 1.0
-    digits = 1 if suite.metric == "accuracy" else 3
-    return f"{scale * metrics[suite.metric]:.{digits}f} ± {scale * metrics[suite.metric + '_ci95']:.{digits}f}"
+    mean, ci = scale * metrics[suite.metric], scale * metrics[suite.metric + "_ci95"]
+    style = ".1f" if suite.metric == "accuracy" else (".3f" if abs(mean) < 1e4 else ".2e")  # a diverged MSE
+    return f"{mean:{style}} ± {ci:{style}}"
+
+
+def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = "contrastive_symmetric") -> str:
+    """Where ``estimator`` stands against every other trained estimator, per suite and learner.
+
+    ``ahead``/``behind`` when the two 95% intervals do not overlap, ``level`` when they do; the difference is in
+    accuracy points (higher is better) or MSE (lower is better).
+    """
+    rows = [
+        "| suite | learner | " + " | ".join(ESTIMATORS[e] for e in OTHERS) + " |",
+        "|---|---|" + "---|" * len(OTHERS),
+    ]
+    for name, suite_rows in results.items():
+        suite = SUITES[name]
+        scale, better = (100.0, 1.0) if suite.metric == "accuracy" else (1.0, -1.0)
+        for learner in LEARNERS:
+            cells = {r["estimator"]: r for r in suite_rows if r["learner"] == learner}
+            if cells.get(estimator, {}).get("status") != "ok":
+                continue
+            ours = cells[estimator]["metrics"]
+            verdicts = []
+            for other in OTHERS:
+                if other not in cells or cells[other]["status"] != "ok":
+                    verdicts.append(cells[other]["status"] if other in cells else "n/a")
+                    continue
+                if cells[other].get("skipped_tasks"):  # its meta-parameters blew up: no comparison to make
+                    verdicts.append(f"it diverged ({cells[other]['skipped_tasks']:g} tasks skipped)")
+                    continue
+                theirs = cells[other]["metrics"]
+                gap = better * scale * (ours[suite.metric] - theirs[suite.metric])
+                overlap = scale * (ours[suite.metric + "_ci95"] + theirs[suite.metric + "_ci95"])
+                verdict = "level" if abs(gap) <= overlap else ("ahead" if gap > 0 else "behind")
+                verdicts.append(f"{verdict} ({gap:+.{1 if suite.metric == 'accuracy' else 3}f})")
+            rows.append(f"| {suite.title} | {LEARNERS[learner]} | " + " | ".join(verdicts) + " |")
+    return "\n".join(rows)
+
+
+OTHERS = ("maml", "implicit", "fomaml", "reptile_lambda_fixed", "contrastive_one_sided")
+"""The estimators the symmetric contrastive rule is compared with in the standing table."""
 
 
 def status_cell(result: dict[str, Any]) -> str:
@@ -681,7 +721,7 @@ def gradient_quality_section(out: Path) -> str:
 
 
 def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Each suite's metric with its 95% CI per learner and estimator (points with error bars)."""
+    """Each suite's metric with its 95% CI per learner and estimator (points with error bars), diverged cells out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -693,7 +733,11 @@ def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         suite = SUITES[name]
         scale = 100.0 if suite.metric == "accuracy" else 1.0
         for offset, (learner, color) in enumerate(zip(LEARNERS, ("tab:blue", "tab:orange"), strict=True)):
-            rows = [r for r in results[name] if r["learner"] == learner and suite.metric in r.get("metrics", {})]
+            rows = [
+                r
+                for r in results[name]
+                if r["learner"] == learner and suite.metric in r.get("metrics", {}) and not r.get("skipped_tasks")
+            ]  # a cell whose meta-parameters diverged (tasks skipped) would only squash the axis
             positions = [list(ESTIMATORS).index(r["estimator"]) + 0.15 * (2 * offset - 1) for r in rows]
             axis.errorbar(
                 positions,
@@ -731,7 +775,17 @@ def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]
         for result in (r for suite_rows in load_results(folder).values() for r in suite_rows):
             suite = SUITES[result["suite"]]
             changed = [o for o in result.get("overrides", []) if not o.startswith("--data.root=")]
-            command = next((c for c in commands if result["estimator"] in c), "")
+            # The command that ran this cell: it names the cell's suite and estimator, and its learner if it filters.
+            command = next(
+                (
+                    c
+                    for c in commands
+                    if result["suite"] in c
+                    and result["estimator"] in c
+                    and (result["learner"] in c or "--learners" not in c)
+                ),
+                "",
+            )
             step = result.get("seconds_per_meta_step")
             rows.append(
                 f"| {suite.title} | {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | "
@@ -792,9 +846,19 @@ def report(
         "- `untrained start`: the same network adapted from its untrained start on the same episodes "
         "(no meta-training).",
         "",
-        f"![accuracy and MSE per estimator]({figure_path.relative_to(results_md.parent)})"
+        f"![accuracy and MSE per estimator, cells that diverged left out]({figure_path.relative_to(results_md.parent)})"
         if figure_path.is_relative_to(results_md.parent)
         else f"Figure: `{figure_path}`",
+    ]
+    lines += [
+        "",
+        "## Where the symmetric contrastive rule stands",
+        "",
+        "Against each estimator, at the budgets below: ahead or behind when the 95% intervals do not overlap, "
+        "level when they do; in brackets the difference in accuracy points (Omniglot) or MSE (sinusoid; "
+        "positive: the contrastive rule is better).",
+        "",
+        standing_table(results),
     ]
     if findings is not None and findings.exists():
         lines += ["", findings.read_text().strip()]

@@ -100,3 +100,30 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
     assert failure["status"] == "failed" and "shots" in failure["reason"]
     assert "Sinusoid regression, 5 shots" in text and "--smoke" in text and "torch" in text
     assert "## Gradient quality" in text
+
+
+def test_standing_calls_ahead_behind_and_level_by_the_confidence_intervals(reproduce) -> None:
+    def cell(estimator: str, mean: float, ci: float, skipped: float = 0.0) -> dict:
+        metrics = {"accuracy": mean, "accuracy_ci95": ci, "query_loss": mean, "query_loss_ci95": ci}
+        return {
+            "learner": "complex_synapse",
+            "estimator": estimator,
+            "status": "ok",
+            "metrics": metrics,
+            "skipped_tasks": skipped,
+        }
+
+    omniglot = [
+        cell("contrastive_symmetric", 0.80, 0.01),
+        cell("maml", 0.83, 0.01),  # 3 points higher, intervals apart: behind
+        cell("implicit", 0.815, 0.01),  # intervals overlap: level
+        cell("fomaml", 0.70, 0.01),
+        cell("contrastive_one_sided", 0.05, 0.01, skipped=4),
+    ]
+    sinusoid = [cell("contrastive_symmetric", 1.0, 0.1), cell("maml", 2.0, 0.1)]  # lower MSE is better
+    table = reproduce.standing_table({"omniglot_5way": omniglot, "sinusoid_5shot": sinusoid})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[2:] for line in table.splitlines()[2:]}
+    maml, implicit, fomaml, reptile, one_sided = (entry.strip(" |") for entry in rows["Omniglot 5-way 1-shot"])
+    assert (maml, implicit, fomaml, reptile) == ("behind (-3.0)", "level (-1.5)", "ahead (+10.0)", "n/a")
+    assert one_sided == "it diverged (4 tasks skipped)"
+    assert rows["Sinusoid regression, 5 shots"][0] == "ahead (+1.000)"

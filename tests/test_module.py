@@ -295,6 +295,7 @@ def test_checkpoint_of_a_module_built_in_python_loads_with_its_learner_and_estim
     assert dict(torch.load(path, weights_only=True)["hyper_parameters"]) == {
         "lr_scheduler_interval": "step",
         "on_inner_fault": "stop",
+        "batched": None,
     }
     restored = MetaLearningModule.load_from_checkpoint(
         path, learner=ComplexSynapse(MLP(hidden=(16,)), loss="mse"), estimator=module.estimator

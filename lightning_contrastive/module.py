@@ -168,7 +168,8 @@ class MetaLearningModule(pl.LightningModule):
             self._count_skipped(result.skipped)
         if not result.tasks:
             return result.surrogate if self.trainer.world_size > 1 else None
-        tasks = [self._tasks(batch)[i] for i in result.kept]
+        every_task = self._tasks(batch)
+        tasks = [every_task[i] for i in result.kept]
         per_episode = self._query_metrics(tasks, [task.adapted for task in result.tasks])
         inner_losses = {
             f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()

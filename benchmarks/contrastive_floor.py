@@ -51,7 +51,7 @@ def contrastive_floor(
     query: tuple[Tensor, Tensor],
     *,
     beta: float,
-    free_steps: int,
+    inner_steps: int,
     nudged_steps: int,
     lr: float,
     momentum: float,
@@ -76,7 +76,7 @@ def contrastive_floor(
                 torch._foreach_add_(phi, velocity, alpha=-lr)
         return [p.detach() for p in phi]
 
-    free = descend(omega, free_steps, 0.0)
+    free = descend(omega, inner_steps, 0.0)
     plus = descend(free, nudged_steps, beta)
     minus, scale = (descend(free, nudged_steps, -beta), 2 * beta) if symmetric else (free, beta)
     omega_grad = [s * (m - p) / scale for s, p, m in zip(strength, plus, minus, strict=True)]

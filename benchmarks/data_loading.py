@@ -70,7 +70,7 @@ def time_meta_step(batch: dict, ways: int, tasks: int = 2) -> float:
     from lightning_contrastive.networks import Conv4
 
     learner = ComplexSynapse(Conv4(in_channels=1, ways=ways, channels=64, image_size=28), init_lambda=0.5)
-    estimator = Contrastive(beta=0.03, symmetric=True, free_steps=1, nudged_steps=1)
+    estimator = Contrastive(beta=0.03, symmetric=True, inner_steps=1, nudged_steps=1)
     first_tasks = {key: (x[:tasks], y[:tasks]) for key, (x, y) in batch.items()}
     start = time.perf_counter()
     meta_gradient(learner, estimator, first_tasks)

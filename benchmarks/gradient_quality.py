@@ -252,14 +252,14 @@ def beta_sweep(
     learner: ComplexSynapse, batch: Mapping[str, Any], exact: dict[str, Tensor], betas: list[float]
 ) -> dict[str, Any]:
     """Contrastive one-sided and symmetric with converged phases, at every beta."""
-    sweep: dict[str, Any] = {"betas": betas, "free_steps": CONVERGED_STEPS, "nudged_steps": CONVERGED_STEPS}
+    sweep: dict[str, Any] = {"betas": betas, "inner_steps": CONVERGED_STEPS, "nudged_steps": CONVERGED_STEPS}
     for rule, symmetric in (("one_sided", False), ("symmetric", True)):
         rows = []
         for beta in betas:
             estimator = Contrastive(
                 beta=beta,
                 symmetric=symmetric,
-                free_steps=CONVERGED_STEPS,
+                inner_steps=CONVERGED_STEPS,
                 nudged_steps=CONVERGED_STEPS,
                 inner_lr=INNER_LR,
                 inner_momentum=INNER_MOMENTUM,
@@ -273,7 +273,7 @@ def beta_sweep(
 def step_estimators(steps: int) -> dict[str, Estimator]:
     """Every estimator at ``steps`` inner steps, with the benchmark's inner SGD."""
     sgd = {"inner_lr": INNER_LR, "inner_momentum": INNER_MOMENTUM}
-    contrastive = {"beta": T_SWEEP_BETA, "free_steps": steps, "nudged_steps": steps, **sgd}
+    contrastive = {"beta": T_SWEEP_BETA, "inner_steps": steps, "nudged_steps": steps, **sgd}
     return {
         "contrastive_one_sided": Contrastive(symmetric=False, **contrastive),
         "contrastive_symmetric": Contrastive(symmetric=True, **contrastive),
@@ -409,7 +409,7 @@ def report(json_path: Path) -> str:
         f"Finite-difference check (central, step {fd['step']:g}, on {len(fd['coordinates'])} coordinates: "
         f"{', '.join(fd['coordinates'])}): relative error {fd['relative_error']:.1e}.",
         "",
-        f"### Versus beta (Contrastive, {beta['free_steps']} free / {beta['nudged_steps']} nudged steps)",
+        f"### Versus beta (Contrastive, {beta['inner_steps']} free / {beta['nudged_steps']} nudged steps)",
         "",
         f"Fitted log-log slopes of the relative error over beta in [{FIT_RANGE[0]:g}, {FIT_RANGE[1]:g}]: one-sided "
         f"**{beta['one_sided_slope']:.2f}** (theory 1), symmetric **{beta['symmetric_slope']:.2f}** (theory 2).",

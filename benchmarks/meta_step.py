@@ -120,7 +120,7 @@ def make_estimator(method: str, steps: int, beta: float, options: dict[str, Any]
     """The engine's estimator for ``method`` with ``T = steps`` (``options`` override its arguments)."""
     if method in ("contrastive", "contrastive-sym"):
         settings = {"nudged_steps": max(1, steps // 2), **options}
-        return Contrastive(beta, symmetric=method == "contrastive-sym", free_steps=steps, **settings)
+        return Contrastive(beta, symmetric=method == "contrastive-sym", inner_steps=steps, **settings)
     estimators = {"maml": MAML, "fomaml": FirstOrderMAML, "implicit": Implicit, "reptile": Reptile}
     return estimators[method](inner_steps=steps, **options)
 
@@ -150,7 +150,7 @@ def make_meta_step(
                 (task.support.x, task.support.y),
                 (task.query.x, task.query.y),
                 beta=problem.beta,
-                free_steps=steps,
+                inner_steps=steps,
                 nudged_steps=options.get("nudged_steps", max(1, steps // 2)),
                 lr=INNER_LR,
                 momentum=INNER_MOMENTUM,

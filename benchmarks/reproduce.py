@@ -268,7 +268,7 @@ def cell_config(cell: Cell) -> dict[str, Any]:
         estimator_args = {
             "beta": suite.beta,
             "symmetric": cell.estimator != "contrastive_one_sided",
-            "free_steps": suite.inner_steps,
+            "inner_steps": suite.inner_steps,
             "nudged_steps": suite.nudged_steps,
             **inner,
         }
@@ -334,7 +334,7 @@ def smoke_overrides(cell: Cell) -> list[str]:
     suite = SUITES[cell.suite]
     steps = (
         [
-            f"--model.estimator.free_steps={SMOKE['inner_steps']}",
+            f"--model.estimator.inner_steps={SMOKE['inner_steps']}",
             f"--model.estimator.nudged_steps={SMOKE['nudged_steps']}",
         ]
         if cell.estimator.startswith("contrastive") or cell.estimator == "untrained"

@@ -62,9 +62,9 @@ def complex_synapse(learn_lambda: bool = True) -> ComplexSynapse:
 
 
 ESTIMATORS = {
-    "contrastive symmetric": lambda: Contrastive(beta=0.1, symmetric=True, free_steps=6, nudged_steps=4, inner_lr=0.1),
-    "contrastive one-sided": lambda: Contrastive(beta=0.1, symmetric=False, free_steps=6, nudged_steps=4, inner_lr=0.1),
-    "contrastive, every query drawn": lambda: Contrastive(free_steps=4, nudged_steps=3, query_subsample=QUERY),
+    "contrastive symmetric": lambda: Contrastive(beta=0.1, symmetric=True, inner_steps=6, nudged_steps=4, inner_lr=0.1),
+    "contrastive one-sided": lambda: Contrastive(beta=0.1, symmetric=False, inner_steps=6, nudged_steps=4, inner_lr=0.1),
+    "contrastive, every query drawn": lambda: Contrastive(inner_steps=4, nudged_steps=3, query_subsample=QUERY),
     "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
     "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),
 }
@@ -91,7 +91,7 @@ def test_batched_reptile_equals_the_loop() -> None:
     assert_same_gradients(batched, looped)
 
 
-@pytest.mark.parametrize("estimator", [Contrastive(beta=0.1, free_steps=5, nudged_steps=3), MAML(3)])
+@pytest.mark.parametrize("estimator", [Contrastive(beta=0.1, inner_steps=5, nudged_steps=3), MAML(3)])
 def test_batched_meta_gradient_equals_the_loop_for_a_dual_system(estimator: Estimator) -> None:
     """The dual system's query loss depends on its slow weights directly, and it modulates through hooks."""
     torch.manual_seed(2)
@@ -103,7 +103,7 @@ def test_batched_meta_gradient_equals_the_loop_for_a_dual_system(estimator: Esti
 
 def test_batched_estimate_reports_each_task_like_the_loop() -> None:
     learner, batch = complex_synapse(), classification_batch()
-    estimator = Contrastive(beta=0.1, free_steps=5, nudged_steps=3)
+    estimator = Contrastive(beta=0.1, inner_steps=5, nudged_steps=3)
     looped, batched = (estimate(learner, estimator, batch, batched=flag) for flag in (False, True))
     torch.testing.assert_close(batched.surrogate, looped.surrogate, rtol=1e-12, atol=1e-12)
     for ours, reference in zip(batched.tasks, looped.tasks, strict=True):
@@ -147,7 +147,7 @@ def test_the_module_runs_its_tasks_as_batched_says() -> None:
     def one_sgd_step(batched: bool) -> dict[str, Tensor]:
         module = MetaLearningModule(
             complex_synapse(),
-            Contrastive(beta=0.1, free_steps=3, nudged_steps=2),
+            Contrastive(beta=0.1, inner_steps=3, nudged_steps=2),
             optimizer=partial(torch.optim.SGD, lr=0.1),
             batched=batched,
         )
@@ -183,7 +183,7 @@ class QueryCounting(ComplexSynapse):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_query_subsample_evaluates_that_many_queries_per_nudged_step_and_all_in_the_surrogate(symmetric: bool) -> None:
     learner = QueryCounting()
-    estimator = Contrastive(beta=0.1, symmetric=symmetric, free_steps=3, nudged_steps=4, query_subsample=3)
+    estimator = Contrastive(beta=0.1, symmetric=symmetric, inner_steps=3, nudged_steps=4, query_subsample=3)
     meta_gradient(learner, estimator, classification_batch(tasks=1), batched=False)
     phases = 2 if symmetric else 1
     assert learner.query_sizes == [3] * 4 * phases + [QUERY] * phases
@@ -191,8 +191,8 @@ def test_query_subsample_evaluates_that_many_queries_per_nudged_step_and_all_in_
 
 def test_query_subsample_of_at_least_every_query_is_the_full_estimate() -> None:
     learner, batch = complex_synapse(), classification_batch()
-    full = meta_gradient(learner, Contrastive(free_steps=4, nudged_steps=3), batch, batched=False)
-    drawn = meta_gradient(learner, Contrastive(free_steps=4, nudged_steps=3, query_subsample=QUERY + 5), batch)
+    full = meta_gradient(learner, Contrastive(inner_steps=4, nudged_steps=3), batch, batched=False)
+    drawn = meta_gradient(learner, Contrastive(inner_steps=4, nudged_steps=3, query_subsample=QUERY + 5), batch)
     torch.testing.assert_close(drawn, full, rtol=1e-10, atol=1e-12)
 
 
@@ -201,7 +201,7 @@ def test_query_subsampled_estimates_average_to_the_full_estimate() -> None:
     in the step's query gradient, and the mean loss over a uniformly drawn subset is an unbiased estimate
     of the mean over all queries, so the subsampled estimates average to the full one."""
     learner, batch = complex_synapse(learn_lambda=False), classification_batch(tasks=2, queries=12)
-    settings = {"beta": 0.1, "symmetric": False, "free_steps": 3, "nudged_steps": 1, "inner_momentum": 0.0}
+    settings = {"beta": 0.1, "symmetric": False, "inner_steps": 3, "nudged_steps": 1, "inner_momentum": 0.0}
     full = meta_gradient(learner, Contrastive(**settings), batch, batched=True)
     torch.manual_seed(0)
     draws = [

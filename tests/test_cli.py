@@ -73,7 +73,7 @@ def test_the_estimator_swaps_with_one_flag(tmp_path: Path) -> None:
     estimator = cli.model.estimator
     assert type(estimator) is MAML
     assert estimator.inner_optimizer.lr == 0.005  # carried over from the config's Contrastive
-    assert estimator.inner_steps == 100  # MAML's own default
+    assert estimator.inner_steps == 20  # the config's inner steps: a swap keeps the inner learning
     assert cli.trainer.global_step == 1
 
 

@@ -20,7 +20,7 @@ def module_and_episodes() -> tuple[MetaLearningModule, DataLoader]:
     torch.manual_seed(0)
     module = MetaLearningModule(
         ComplexSynapse(MLP(hidden=(8,)), loss="mse"),
-        Contrastive(beta=0.05, free_steps=5, nudged_steps=3, inner_lr=0.01),
+        Contrastive(beta=0.05, inner_steps=5, nudged_steps=3, inner_lr=0.01),
         optimizer=partial(torch.optim.SGD, lr=0.1),
     )
     family = SinusoidTasks(num_tasks=6, shots=5, test_shots=5, seed=0)

@@ -36,8 +36,8 @@ from lightning_contrastive.networks import MLP
 
 Batch = dict[str, tuple[Tensor, Tensor]]
 ESTIMATORS = {
-    "contrastive": Contrastive(beta=0.1, free_steps=10, nudged_steps=5, inner_lr=0.005),
-    "contrastive-one-sided": Contrastive(beta=0.1, symmetric=False, free_steps=10, nudged_steps=5, inner_lr=0.005),
+    "contrastive": Contrastive(beta=0.1, inner_steps=10, nudged_steps=5, inner_lr=0.005),
+    "contrastive-one-sided": Contrastive(beta=0.1, symmetric=False, inner_steps=10, nudged_steps=5, inner_lr=0.005),
     "maml": MAML(inner_steps=5, inner_lr=0.005),
     "first-order-maml": FirstOrderMAML(inner_steps=5, inner_lr=0.005),
     "implicit": Implicit(inner_steps=5, inner_lr=0.005, cg_steps=3),
@@ -143,8 +143,8 @@ def test_a_diverging_nudged_phase_is_caught_while_the_free_phase_is_sound(symmet
 
 def test_the_divergence_ratio_sets_how_far_a_nudged_phase_may_move() -> None:
     batch = with_steep_queries(sinusoid_batch(), task=2, scale=3.0)
-    lenient = Contrastive(beta=0.1, free_steps=10, nudged_steps=5, inner_lr=0.005, divergence_ratio=1e6)
-    strict = Contrastive(beta=0.1, free_steps=10, nudged_steps=5, inner_lr=0.005, divergence_ratio=1e-3)
+    lenient = Contrastive(beta=0.1, inner_steps=10, nudged_steps=5, inner_lr=0.005, divergence_ratio=1e6)
+    strict = Contrastive(beta=0.1, inner_steps=10, nudged_steps=5, inner_lr=0.005, divergence_ratio=1e-3)
     assert estimate(make_learner(), lenient, batch).skipped == []
     with pytest.raises(InnerLoopError):
         estimate(make_learner(), strict, batch)

@@ -23,7 +23,7 @@ from lightning_contrastive.tasks import Params, Split
 
 FEATURES, CLASSES, TASKS = 3, 3, 3
 ESTIMATORS = {
-    "contrastive": Contrastive(beta=0.1, free_steps=6, nudged_steps=4, inner_lr=0.1),
+    "contrastive": Contrastive(beta=0.1, inner_steps=6, nudged_steps=4, inner_lr=0.1),
     "maml": MAML(inner_steps=4, inner_lr=0.1),
     "first-order-maml": FirstOrderMAML(inner_steps=4, inner_lr=0.1),
     "implicit": Implicit(inner_steps=6, inner_lr=0.1, cg_steps=5),

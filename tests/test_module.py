@@ -61,7 +61,7 @@ def small_module(
     torch.manual_seed(0)
     return MetaLearningModule(
         learner=learner or ComplexSynapse(MLP(hidden=(16,)), loss="mse", init_lambda=1.0),
-        estimator=estimator or Contrastive(beta=0.05, free_steps=5, nudged_steps=3, inner_lr=0.01),
+        estimator=estimator or Contrastive(beta=0.05, inner_steps=5, nudged_steps=3, inner_lr=0.01),
         optimizer=optimizer,
         **kwargs,
     )
@@ -316,7 +316,7 @@ def meta_train_sinusoid(meta_steps: int, eval_tasks: int) -> tuple[tuple[float, 
     data = SinusoidDataModule(shots=10, test_shots=10, batch_size=5, num_eval_tasks=eval_tasks, eval_batch_size=50)
     module = MetaLearningModule(
         ComplexSynapse(MLP(), loss="mse", init_lambda=1.0),
-        Contrastive(beta=0.03, symmetric=True, free_steps=20, nudged_steps=10, inner_lr=0.005, inner_momentum=0.9),
+        Contrastive(beta=0.03, symmetric=True, inner_steps=20, nudged_steps=10, inner_lr=0.005, inner_momentum=0.9),
         optimizer=partial(torch.optim.Adam, lr=3e-3),
     )
     untrained = meta_test_mse(module, data)

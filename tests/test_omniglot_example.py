@@ -32,7 +32,7 @@ def tiny(config: str) -> list[str]:
         "--trainer.max_steps=2",
         "--trainer.enable_progress_bar=false",
         f"--model.learner.init_args.{NETWORK_ARGUMENT[config]}.init_args.channels=4",
-        "--model.estimator.init_args.free_steps=3",
+        "--model.estimator.init_args.inner_steps=3",
         "--model.estimator.init_args.nudged_steps=2",
         "--data.batch_size=2",
         "--data.num_train_tasks=4",
@@ -82,7 +82,7 @@ def test_the_example_runs_a_config_and_the_console_script_reproduces_both_number
     cached = f"--data.cache_dir={tmp_path / 'cache'}"
     comparison = example.main(["--root", str(root), cached, *tiny(config)])
     printed = capsys.readouterr().out
-    assert "channels=4" in printed and "free_steps=3" in printed and "10 fixed meta-test episodes" in printed
+    assert "channels=4" in printed and "inner_steps=3" in printed and "10 fixed meta-test episodes" in printed
     assert "start (untrained)" in printed and "meta-trained (2 steps)" in printed
     assert f"{100 * comparison.win:+.1f} points" in printed
     for score in (comparison.untrained, comparison.trained):

@@ -85,7 +85,7 @@ def test_one_meta_step_on_cpu(
     offline = ["--data.download=false"] if dataset == "Omniglot" else []
     assert settings["trainer"]["accelerator"] == "auto"
     estimator = settings["model"]["estimator"]["init_args"]
-    assert (estimator["free_steps"], estimator["nudged_steps"], estimator["symmetric"]) == (200, 100, True)
+    assert (estimator["inner_steps"], estimator["nudged_steps"], estimator["symmetric"]) == (200, 100, True)
     cli = MetaLearningCLI(
         args=[
             f"--config={config}",
@@ -96,7 +96,7 @@ def test_one_meta_step_on_cpu(
             "--data.num_train_tasks=2",
             "--data.num_eval_tasks=2",
             "--data.eval_batch_size=2",
-            "--model.estimator.init_args.free_steps=2",
+            "--model.estimator.init_args.inner_steps=2",
             "--model.estimator.init_args.nudged_steps=1",
             "--trainer.accelerator=cpu",
             "--trainer.max_steps=1",

@@ -73,7 +73,7 @@ def module_for(problem: Problem, shape: Shape) -> MetaLearningModule:
     loss = "cross_entropy" if problem == "classification" else "mse"
     return MetaLearningModule(
         ComplexSynapse(backbone, loss=loss),
-        Contrastive(beta=0.1, free_steps=2, nudged_steps=1, inner_lr=0.05),
+        Contrastive(beta=0.1, inner_steps=2, nudged_steps=1, inner_lr=0.05),
         optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.1),
     )
 

@@ -61,7 +61,7 @@ def module(
     torch.manual_seed(init_seed)
     return MetaLearningModule(
         ComplexSynapse(backbone(), loss=loss, init_lambda=1.0),
-        Contrastive(beta=0.1, free_steps=4, nudged_steps=2, inner_lr=0.02, query_subsample=query_subsample),
+        Contrastive(beta=0.1, inner_steps=4, nudged_steps=2, inner_lr=0.02, query_subsample=query_subsample),
         optimizer=partial(torch.optim.Adam, lr=0.01),
         lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5),
     )
@@ -163,7 +163,7 @@ def cli_run(checkpoints: Path, max_steps: int) -> list[str]:
         "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.every_n_train_steps=1",
         "--model.learner.init_args.backbone.init_args.hidden=[8]",
-        "--model.estimator.init_args.free_steps=4",
+        "--model.estimator.init_args.inner_steps=4",
         "--model.estimator.init_args.nudged_steps=2",
         "--data.batch_size=2",
         "--data.num_eval_tasks=2",

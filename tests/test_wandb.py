@@ -157,8 +157,8 @@ def test_a_cli_run_logs_the_whole_config_and_namespaced_metrics(
     rows = json.loads(table.read_text())["data"]
     for phase, trace in monitor.traces.items():
         assert [value for _, line, value in rows if line == phase] == pytest.approx(trace.losses.tolist())
-    free_steps = len(monitor.traces["free"].losses)
-    assert next(step for step, line, _ in rows if line == "nudged_pos") == free_steps  # nudged phases continue it
+    inner_steps = len(monitor.traces["free"].losses)
+    assert next(step for step, line, _ in rows if line == "nudged_pos") == inner_steps  # nudged phases continue it
 
 
 # ------------------------------------------------------------------ the fallback and who decides the mode

@@ -38,7 +38,7 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
     """Re-run ``estimator``'s inner phases on every task of ``batch``, recording the objective at every step.
 
     The phases are the estimator's own: for :class:`~lightning_contrastive.Contrastive` the free phase
-    (``free_steps`` on ``L_in``) and the nudged phase(s) (``nudged_steps`` on ``L_in + beta L_query``, and
+    (``inner_steps`` on ``L_in``) and the nudged phase(s) (``nudged_steps`` on ``L_in + beta L_query``, and
     ``L_in - beta L_query`` when symmetric, warm-started from the free solution), named ``free``,
     ``nudged_pos``, ``nudged_neg``; for any other estimator the adaptation phase (``adaptation_steps`` on
     ``L_in``), named ``free``. Each runs with the estimator's inner optimizer through the engine's
@@ -154,10 +154,10 @@ def log_loss_curves(logger: WandbLogger, traces: Mapping[str, PhaseTrace], step:
     """
     import wandb  # only with a W&B logger, which has imported it already
 
-    free_steps = len(traces["free"].losses)
+    inner_steps = len(traces["free"].losses)
     xs, ys = [], []
     for phase, trace in traces.items():
-        first = 0 if phase == "free" else free_steps
+        first = 0 if phase == "free" else inner_steps
         xs.append(list(range(first, first + len(trace.losses))))
         ys.append(trace.losses.tolist())
     plot = wandb.plot.line_series(

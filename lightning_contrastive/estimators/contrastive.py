@@ -19,7 +19,7 @@ class Contrastive(Estimator):
 
     With the augmented loss ``L_beta(phi, theta) = L_in(phi, theta) + beta L_query(phi, theta)``:
 
-    1. free phase: ``free_steps`` inner steps on ``L_0 = L_in`` from the learner's start give ``phi_0``;
+    1. free phase: ``inner_steps`` inner steps on ``L_0 = L_in`` from the learner's start give ``phi_0``;
     2. nudged phase(s): ``nudged_steps`` steps on ``L_beta`` warm-started from ``phi_0`` give ``phi_beta``
        (and ``phi_-beta`` for the symmetric rule);
     3. estimate, one-sided: ``g = [dL_beta/dtheta(phi_beta, theta) - dL_0/dtheta(phi_0, theta)] / beta``,
@@ -31,7 +31,7 @@ class Contrastive(Estimator):
     Bias is O(beta) one-sided and O(beta^2) symmetric, plus O(delta / beta) when the phases are solved
     only to accuracy ``delta``: a smaller beta needs better-converged phases.
 
-    Cost: ``free_steps + nudged_steps`` (one-sided) or ``free_steps + 2 nudged_steps`` (symmetric)
+    Cost: ``inner_steps + nudged_steps`` (one-sided) or ``inner_steps + 2 nudged_steps`` (symmetric)
     first-order steps, each nudged step also evaluating the query set; memory is that of one forward
     and backward pass, whatever the number of steps. The query evaluations dominate when the query set
     is much larger than the support set (Omniglot 20-way 1-shot: 300 queries against 20 support images,
@@ -43,7 +43,7 @@ class Contrastive(Estimator):
     Args:
         beta: nudging strength, > 0.
         symmetric: nudge at ``+beta`` and ``-beta`` (lower bias) instead of ``+beta`` only.
-        free_steps: inner steps of the free phase (also the steps of :meth:`adapt`).
+        inner_steps: inner steps of the free phase (also the steps of :meth:`adapt`).
         nudged_steps: inner steps of each nudged phase.
         inner_lr: learning rate of the free phase.
         inner_momentum: momentum of every phase.
@@ -64,7 +64,7 @@ class Contrastive(Estimator):
         self,
         beta: float = 0.1,
         symmetric: bool = True,
-        free_steps: int = 100,
+        inner_steps: int = 100,
         nudged_steps: int = 50,
         inner_lr: float = 0.01,
         inner_momentum: float = 0.9,
@@ -75,7 +75,7 @@ class Contrastive(Estimator):
         super().__init__(inner_lr, inner_momentum)
         if isinstance(beta, bool) or not beta > 0:
             raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")
-        check_steps("free_steps", free_steps)
+        check_steps("inner_steps", inner_steps)
         check_steps("nudged_steps", nudged_steps)
         if query_subsample is not None:
             check_steps("query_subsample", query_subsample)
@@ -83,7 +83,7 @@ class Contrastive(Estimator):
             raise ValueError(f"divergence_ratio must be > 0; got {divergence_ratio!r}.")
         self.beta = float(beta)
         self.symmetric = symmetric
-        self.free_steps = free_steps
+        self.inner_steps = inner_steps
         self.nudged_steps = nudged_steps
         self.nudged_optimizer = InnerSGD(inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
         self.query_subsample = query_subsample
@@ -91,7 +91,7 @@ class Contrastive(Estimator):
 
     @property
     def adaptation_steps(self) -> int:
-        return self.free_steps
+        return self.inner_steps
 
     def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
         frozen = detached(meta)

@@ -37,7 +37,7 @@ def _small_module(
     torch.manual_seed(0)
     return MetaLearningModule(
         learner=learner or ComplexSynapse(MLP(hidden=(16,)), loss="mse", init_lambda=1.0),
-        estimator=estimator or Contrastive(beta=0.05, free_steps=5, nudged_steps=3, inner_lr=0.01),
+        estimator=estimator or Contrastive(beta=0.05, inner_steps=5, nudged_steps=3, inner_lr=0.01),
         optimizer=optimizer or partial(torch.optim.SGD, lr=0.1),
     )
 

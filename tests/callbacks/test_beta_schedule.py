@@ -14,7 +14,7 @@ from lightning_contrastive.callbacks import BetaSchedule
 
 
 def contrastive(beta: float) -> Contrastive:
-    return Contrastive(beta=beta, free_steps=5, nudged_steps=3, inner_lr=0.01)
+    return Contrastive(beta=beta, inner_steps=5, nudged_steps=3, inner_lr=0.01)
 
 
 def test_linear_and_geometric_schedules_interpolate_and_then_hold() -> None:

@@ -52,7 +52,7 @@ def test_contrastive_bias_has_the_predicted_order_in_beta(symmetric: bool, order
     learner, batch, exact = problem()
     errors = []
     for beta in BETAS:
-        estimator = Contrastive(beta=beta, symmetric=symmetric, free_steps=300, nudged_steps=300, inner_lr=0.05)
+        estimator = Contrastive(beta=beta, symmetric=symmetric, inner_steps=300, nudged_steps=300, inner_lr=0.05)
         grads = meta_gradient(learner, estimator, batch)
         estimate = torch.cat([grads["omega.weight"].flatten(), grads["lambda.weight"].flatten()])
         errors.append(float((estimate - exact).norm() / exact.norm()))

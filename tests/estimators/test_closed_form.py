@@ -105,10 +105,10 @@ def relative_error(estimate: Tensor, exact: Tensor) -> float:
     "estimator",
     [
         Contrastive(
-            beta=1e-3, symmetric=True, free_steps=CONVERGED_STEPS, nudged_steps=CONVERGED_STEPS, inner_lr=INNER_LR
+            beta=1e-3, symmetric=True, inner_steps=CONVERGED_STEPS, nudged_steps=CONVERGED_STEPS, inner_lr=INNER_LR
         ),
         Contrastive(
-            beta=1e-4, symmetric=False, free_steps=CONVERGED_STEPS, nudged_steps=CONVERGED_STEPS, inner_lr=INNER_LR
+            beta=1e-4, symmetric=False, inner_steps=CONVERGED_STEPS, nudged_steps=CONVERGED_STEPS, inner_lr=INNER_LR
         ),
         Implicit(inner_steps=CONVERGED_STEPS, inner_lr=INNER_LR, cg_steps=2 * (FEATURES + 1)),
         MAML(inner_steps=CONVERGED_STEPS, inner_lr=INNER_LR),

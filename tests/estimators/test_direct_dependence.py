@@ -83,8 +83,8 @@ def relative_error(estimate: Tensor, exact: Tensor) -> float:
 
 
 STEPS, LR = 400, 0.05
-CONTRASTIVE = Contrastive(beta=1e-3, symmetric=True, free_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
-ONE_SIDED = Contrastive(beta=1e-4, symmetric=False, free_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
+CONTRASTIVE = Contrastive(beta=1e-3, symmetric=True, inner_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
+ONE_SIDED = Contrastive(beta=1e-4, symmetric=False, inner_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
 IMPLICIT = Implicit(inner_steps=STEPS, inner_lr=LR, cg_steps=2 * FEATURES * HIDDEN)
 MAML_UNROLLED = MAML(inner_steps=STEPS, inner_lr=LR)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_contrastive import ComplexSynapse, Contrastive, FirstOrderMAML, estimate, meta_gradient
 
 FEATURES, CLASSES = 3, 2
-ESTIMATOR = Contrastive(beta=0.1, free_steps=5, nudged_steps=3)
+ESTIMATOR = Contrastive(beta=0.1, inner_steps=5, nudged_steps=3)
 
 
 def batch_norm_network() -> nn.Sequential:

@@ -68,8 +68,8 @@ def assert_unchanged(module: nn.Module, state: dict[str, Tensor], training: bool
 
 
 ESTIMATORS = {
-    "contrastive_symmetric": lambda: Contrastive(beta=0.1, free_steps=4, nudged_steps=3),
-    "contrastive_one_sided": lambda: Contrastive(beta=0.1, symmetric=False, free_steps=4, nudged_steps=3),
+    "contrastive_symmetric": lambda: Contrastive(beta=0.1, inner_steps=4, nudged_steps=3),
+    "contrastive_one_sided": lambda: Contrastive(beta=0.1, symmetric=False, inner_steps=4, nudged_steps=3),
     "maml": lambda: MAML(inner_steps=3),
     "first_order_maml": lambda: FirstOrderMAML(inner_steps=3),
     "implicit": lambda: Implicit(inner_steps=4, cg_steps=3),
@@ -258,7 +258,7 @@ def test_float32_and_float64(dtype: torch.dtype) -> None:
     batch = sinusoid_batch(torch.Generator().manual_seed(6), 2, 5, 5, dtype=dtype)
     meta = learner.meta_parameters()
     assert learner.predict(learner.init_fast(meta), meta, batch["train"][0][0]).dtype == dtype
-    grads = meta_gradient(learner, Contrastive(free_steps=5, nudged_steps=3), batch)
+    grads = meta_gradient(learner, Contrastive(inner_steps=5, nudged_steps=3), batch)
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads.values())
 
 
@@ -278,7 +278,7 @@ def test_without_pull_the_starts_get_exactly_zero_contrastive_and_implicit_meta_
     learner = DualSystem(mlp(), loss="mse", pull=0.0)
     batch = sinusoid_batch(torch.Generator().manual_seed(8), 2, 10, 10)
     starts = [name for name in learner.meta_parameters() if name.startswith("init.")]
-    for estimator in (Contrastive(beta=0.01, free_steps=20, nudged_steps=10), Implicit(inner_steps=20)):
+    for estimator in (Contrastive(beta=0.01, inner_steps=20, nudged_steps=10), Implicit(inner_steps=20)):
         grads = meta_gradient(learner, estimator, batch)
         assert all(torch.equal(grads[name], torch.zeros_like(grads[name])) for name in starts)
         assert all(grads[name].abs().sum() > 0 for name in grads if name.startswith("primary."))
@@ -296,7 +296,7 @@ def test_contrastive_meta_gradient_agrees_with_implicit_and_long_maml(modulator:
         mlp().double(), loss="mse", pull=1.0, modulator=modulator, code_size=4 if modulator == "network" else None
     )
     batch = sinusoid_batch(torch.Generator().manual_seed(1), 2, 10, 10, dtype=torch.float64)
-    contrastive = meta_gradient(learner, Contrastive(beta=1e-3, free_steps=200, nudged_steps=100, inner_lr=0.02), batch)
+    contrastive = meta_gradient(learner, Contrastive(beta=1e-3, inner_steps=200, nudged_steps=100, inner_lr=0.02), batch)
     references: dict[str, Estimator] = {
         "implicit": Implicit(inner_steps=200, inner_lr=0.02, cg_steps=50),
         "maml": MAML(inner_steps=200, inner_lr=0.02),
@@ -345,7 +345,7 @@ def meta_train_on_sinusoids(outer_steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     primary = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
     learner = DualSystem(primary, loss="mse", pull=1.0)
-    estimator = Contrastive(beta=0.1, free_steps=20, nudged_steps=10, inner_lr=0.02)
+    estimator = Contrastive(beta=0.1, inner_steps=20, nudged_steps=10, inner_lr=0.02)
     held_out = sinusoid_batch(torch.Generator().manual_seed(123), 50, 10, 50)
     before = meta_test_mse(learner, estimator, held_out)
     optimizer = torch.optim.Adam(learner.parameters(), lr=5e-3)

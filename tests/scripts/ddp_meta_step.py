@@ -35,7 +35,7 @@ from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.networks import MLP
 
 ESTIMATORS: dict[str, Callable[[], Estimator]] = {
-    "contrastive": lambda: Contrastive(beta=0.1, free_steps=5, nudged_steps=3, inner_lr=0.02),
+    "contrastive": lambda: Contrastive(beta=0.1, inner_steps=5, nudged_steps=3, inner_lr=0.02),
     "fomaml": lambda: FirstOrderMAML(inner_steps=3, inner_lr=0.02),
     "maml": lambda: MAML(inner_steps=3, inner_lr=0.02),
 }

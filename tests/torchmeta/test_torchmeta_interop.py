@@ -132,7 +132,7 @@ def test_meta_training_on_torchmetas_sinusoid_halves_the_meta_test_mse(torchmeta
     assert batch["train"][0].dtype == torch.float64 and batch["train"][0].shape == (5, 10, 1)
     module = MetaLearningModule(
         ComplexSynapse(MLP(), loss="mse", init_lambda=1.0),
-        Contrastive(beta=0.03, symmetric=True, free_steps=20, nudged_steps=10, inner_lr=0.005, inner_momentum=0.9),
+        Contrastive(beta=0.03, symmetric=True, inner_steps=20, nudged_steps=10, inner_lr=0.005, inner_momentum=0.9),
         optimizer=partial(torch.optim.Adam, lr=1e-2),
     )
     before = meta_test(module, data)
@@ -205,7 +205,7 @@ def test_meta_training_on_torchmetas_omniglot_lifts_meta_test_accuracy(torchmeta
     )
     module = MetaLearningModule(
         ComplexSynapse(Conv4(in_channels=1, ways=5, channels=16, image_size=28), init_lambda=0.5),
-        Contrastive(beta=0.1, symmetric=True, free_steps=10, nudged_steps=5, inner_lr=0.1, inner_momentum=0.9),
+        Contrastive(beta=0.1, symmetric=True, inner_steps=10, nudged_steps=5, inner_lr=0.1, inner_momentum=0.9),
         optimizer=partial(torch.optim.Adam, lr=1e-2),
     )
     before = meta_test(module, data)

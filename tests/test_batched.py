@@ -63,7 +63,9 @@ def complex_synapse(learn_lambda: bool = True) -> ComplexSynapse:
 
 ESTIMATORS = {
     "contrastive symmetric": lambda: Contrastive(beta=0.1, symmetric=True, inner_steps=6, nudged_steps=4, inner_lr=0.1),
-    "contrastive one-sided": lambda: Contrastive(beta=0.1, symmetric=False, inner_steps=6, nudged_steps=4, inner_lr=0.1),
+    "contrastive one-sided": lambda: Contrastive(
+        beta=0.1, symmetric=False, inner_steps=6, nudged_steps=4, inner_lr=0.1
+    ),
     "contrastive, every query drawn": lambda: Contrastive(inner_steps=4, nudged_steps=3, query_subsample=QUERY),
     "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
     "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),

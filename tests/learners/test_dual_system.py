@@ -296,7 +296,9 @@ def test_contrastive_meta_gradient_agrees_with_implicit_and_long_maml(modulator:
         mlp().double(), loss="mse", pull=1.0, modulator=modulator, code_size=4 if modulator == "network" else None
     )
     batch = sinusoid_batch(torch.Generator().manual_seed(1), 2, 10, 10, dtype=torch.float64)
-    contrastive = meta_gradient(learner, Contrastive(beta=1e-3, inner_steps=200, nudged_steps=100, inner_lr=0.02), batch)
+    contrastive = meta_gradient(
+        learner, Contrastive(beta=1e-3, inner_steps=200, nudged_steps=100, inner_lr=0.02), batch
+    )
     references: dict[str, Estimator] = {
         "implicit": Implicit(inner_steps=200, inner_lr=0.02, cg_steps=50),
         "maml": MAML(inner_steps=200, inner_lr=0.02),

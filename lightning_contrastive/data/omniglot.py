@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -208,6 +208,43 @@ def seeded_split(characters: Sequence[Character], seed: int = 0) -> dict[str, li
     }
 
 
+def alphabet_split(characters: Sequence[Character], seed: int = 0) -> dict[str, list[int]]:
+    """A random split by whole alphabets: every character of an alphabet lands in the same meta-split.
+
+    Meta-test then measures adaptation to unseen alphabets, not only to unseen characters of alphabets seen in
+    meta-training (what :func:`seeded_split` measures). The number of *alphabets* per meta-split follows the
+    Vinyals proportions (1028 : 172 : 423 characters), at least one each: of the 8 alphabets of the two small
+    background subsets, 5 meta-train, 1 meta-validate and 2 meta-test. Alphabets differ in size (17 to 47
+    characters there), so the characters per meta-split depend on which alphabets are drawn. The alphabets are
+    permuted by a ``numpy`` generator seeded with ``seed``; the split depends only on the set of characters and
+    the seed, not on their order.
+
+    Raises:
+        ValueError: fewer than three alphabets, so that some meta-split would get none.
+    """
+    alphabets = sorted({character.alphabet for character in characters})
+    if len(alphabets) < 3:
+        raise ValueError(
+            f"A split by alphabet needs at least 3 alphabets (one each for meta-train, meta-validation and "
+            f"meta-test); the archives hold {len(alphabets)}: {alphabets}. Add archives to root, or use "
+            'split_by="character".'
+        )
+    total = sum(_VINYALS_SIZES[group] for group in ("background", "evaluation"))
+    num_val = max(1, round(len(alphabets) * 172 / total))
+    num_test = max(1, round(len(alphabets) * 423 / total))
+    shuffled = [alphabets[i] for i in np.random.default_rng(seed).permutation(len(alphabets))]
+    num_train = len(alphabets) - num_val - num_test
+    chosen = {
+        "train": set(shuffled[:num_train]),
+        "val": set(shuffled[num_train : num_train + num_val]),
+        "test": set(shuffled[num_train + num_val :]),
+    }
+    return {
+        meta_split: [index for index, character in enumerate(characters) if character.alphabet in members]
+        for meta_split, members in chosen.items()
+    }
+
+
 def download_omniglot(root: str | Path, archives: Sequence[str] = FULL_ARCHIVES, url: str = OMNIGLOT_URL) -> list[Path]:
     """Fetch the Omniglot ``archives`` that ``root`` lacks from ``url``, verifying their MD5.
 
@@ -236,8 +273,10 @@ class OmniglotDataModule(EpisodicDataModule):
     degrees as three new classes of the same meta-split. The class split is torchmeta's Vinyals split
     (:func:`vinyals_split`, 1028/172/423 characters) when the full set is in ``root``, and otherwise a
     seeded split by character (:func:`seeded_split`, seed 0, same proportions): the small background
-    subsets give 153/26/63 characters. Pixels are floats in ``[0, 1]``, 1 on the strokes (torchmeta's
-    ``Resize(28)`` then ``ToTensor()``).
+    subsets give 153/26/63 characters. ``split_by="alphabet"`` splits by whole alphabets instead
+    (:func:`alphabet_split`, seed 0), so that meta-test holds only alphabets never seen in meta-training: the
+    small subsets give 5/1/2 alphabets, 179/24/39 characters. Pixels are floats in ``[0, 1]``, 1 on the
+    strokes (torchmeta's ``Resize(28)`` then ``ToTensor()``).
 
     Call :meth:`prepare_data` (downloads, with ``download=True``) and :meth:`setup` (decodes) before
     asking for loaders outside a Trainer.
@@ -251,8 +290,11 @@ class OmniglotDataModule(EpisodicDataModule):
         eval_batch_size: tasks per batch in validation and test; ``None`` uses ``batch_size``.
         num_train_tasks: training tasks per epoch.
         num_eval_tasks: size of the fixed validation and test task sets (600 is the common protocol).
-        use_vinyals_split: ``None`` uses the Vinyals split when the full set is present and a seeded split
-            otherwise; ``True`` requires the full set; ``False`` always uses the seeded split.
+        use_vinyals_split: ``None`` uses the Vinyals split when the full set is present and ``split_by`` is
+            ``"character"``, and a seeded split otherwise; ``True`` requires the full set; ``False`` always uses
+            the seeded split.
+        split_by: what the seeded split keeps together: ``"character"`` (default; a character's images and
+            rotations) or ``"alphabet"`` (every character of an alphabet: meta-test on unseen alphabets).
         rotations: add the 90/180/270-degree rotations of every character as new classes.
         image_size: side of the resized square images.
         download: in :meth:`prepare_data`, fetch the full archives that ``root`` lacks.
@@ -273,6 +315,7 @@ class OmniglotDataModule(EpisodicDataModule):
         num_train_tasks: int = 3200,
         num_eval_tasks: int = 600,
         use_vinyals_split: bool | None = None,
+        split_by: Literal["character", "alphabet"] = "character",
         rotations: bool = True,
         image_size: int = 28,
         download: bool = False,
@@ -283,6 +326,13 @@ class OmniglotDataModule(EpisodicDataModule):
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1; got {image_size!r}.")
+        if split_by not in ("character", "alphabet"):
+            raise ValueError(f'split_by must be "character" or "alphabet"; got {split_by!r}.')
+        if split_by == "alphabet" and use_vinyals_split:
+            raise ValueError(
+                'use_vinyals_split=True and split_by="alphabet" ask for two different splits: the Vinyals split '
+                "is fixed (meta-test: the evaluation alphabets). Pass one of them."
+            )
         super().__init__(
             ways=ways,
             shots=shots,
@@ -300,6 +350,7 @@ class OmniglotDataModule(EpisodicDataModule):
         self.save_hyperparameters()
         self.root = root
         self.use_vinyals_split = use_vinyals_split
+        self.split_by = split_by
         self.rotations = rotations
         self.image_size = image_size
         self.download = download
@@ -315,9 +366,12 @@ class OmniglotDataModule(EpisodicDataModule):
         self.images = read_omniglot(self.root, self.image_size, self.cache_dir)
         characters = self.images.characters
         full_set = set(FULL_ARCHIVES) <= set(self.images.archives)
-        if self.use_vinyals_split or (self.use_vinyals_split is None and full_set):
+        if self.use_vinyals_split or (self.use_vinyals_split is None and full_set and self.split_by == "character"):
             self.class_splits = vinyals_split(characters)
             rule = "the Vinyals split"
+        elif self.split_by == "alphabet":
+            self.class_splits = alphabet_split(characters)
+            rule = "a seeded split (seed 0) by alphabet"
         else:
             self.class_splits = seeded_split(characters)
             rule = "a seeded split (seed 0) by character"

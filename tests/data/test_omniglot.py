@@ -24,6 +24,7 @@ from lightning_contrastive.data.omniglot import (
     OMNIGLOT_MD5,
     OmniglotDataModule,
     OmniglotImages,
+    alphabet_split,
     download_omniglot,
     read_omniglot,
     seeded_split,
@@ -121,6 +122,59 @@ def test_the_seeded_split_is_disjoint_and_keeps_rotations_together(root: Path, c
     assert not characters["train"] & characters["test"] and not characters["val"] & characters["test"]
     assert seeded_split(module.images.characters) == seeded_split(module.images.characters[::-1][::-1])
     assert seeded_split(module.images.characters, seed=1) != module.class_splits
+
+
+def test_the_alphabet_split_gives_each_meta_split_whole_alphabets(root: Path, cache_dir: Path) -> None:
+    module = datamodule(root, cache_dir, split_by="alphabet", ways=20)
+    alphabets = {
+        meta_split: {name.split("/")[0] for name in module.class_names(meta_split)}
+        for meta_split in ("train", "val", "test")
+    }
+    # Seed 0 on the 8 alphabets of the small subsets, written out so that a change of rule shows here.
+    assert alphabets == {
+        "train": {"Greek", "Japanese_(katakana)", "Korean", "Latin", "Sanskrit"},
+        "val": {"Balinese"},
+        "test": {"Early_Aramaic", "Tagalog"},
+    }
+    characters = module.images.characters
+    for meta_split, names in alphabets.items():  # every character of each alphabet, and nothing else
+        expected = sorted(i for i, character in enumerate(characters) if character.alphabet in names)
+        assert module.class_labels(meta_split) == expected
+    assert [len(module.class_labels(s)) for s in ("train", "val", "test")] == [179, 24, 39]
+    tasks = module.tasks("test")
+    test_alphabets = {characters[label].alphabet for label in module.class_labels("test")}
+    base_count = len(module.class_labels("test"))
+    for index in range(4):  # a 20-way test task draws (rotated) characters of the held-out alphabets only
+        classes = tasks.draw(index).classes
+        assert len(classes) == 20
+        assert {characters[module.class_labels("test")[c % base_count]].alphabet for c in classes} <= test_alphabets
+    assert alphabet_split(characters) == alphabet_split(characters[::-1][::-1])
+    assert alphabet_split(characters, seed=1) != alphabet_split(characters)
+    assert datamodule(root, cache_dir).class_splits != module.class_splits  # the default stays by character
+
+
+def test_the_alphabet_split_of_the_full_set_keeps_the_vinyals_proportions_of_alphabets(tmp_path: Path) -> None:
+    write_full_layout(tmp_path)
+    module = OmniglotDataModule(str(tmp_path), ways=5, shots=1, test_shots=1, split_by="alphabet")
+    module.setup()
+    characters = module.images.characters
+    alphabets = {s: {characters[i].alphabet for i in module.class_labels(s)} for s in ("train", "val", "test")}
+    assert [len(alphabets[s]) for s in ("train", "val", "test")] == [32, 5, 13]  # 50 alphabets, 1028:172:423
+    assert not alphabets["train"] & alphabets["val"] and not alphabets["train"] & alphabets["test"]
+    assert not alphabets["val"] & alphabets["test"]
+
+
+def test_bad_split_settings_raise_and_name_the_fix(root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match='split_by must be "character" or "alphabet"; got \'drawer\''):
+        OmniglotDataModule(str(root), split_by="drawer")
+    with pytest.raises(ValueError, match=r"ask for two different splits.*Pass one of them"):
+        OmniglotDataModule(str(root), split_by="alphabet", use_vinyals_split=True)
+    with zipfile.ZipFile(root / "images_background_small2.zip") as archive:
+        archive.extractall(tmp_path, [name for name in archive.namelist() if "/Greek/" in name or "/Tagalog/" in name])
+    with pytest.raises(
+        ValueError, match=r"at least 3 alphabets.*hold 2: \['Greek', 'Tagalog'\].*split_by=\"character\""
+    ):
+        OmniglotDataModule(str(tmp_path), ways=5, split_by="alphabet").setup()
 
 
 @pytest.mark.parametrize(("ways", "shots"), [(20, 1), (5, 5)])

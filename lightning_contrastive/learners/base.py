@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +28,28 @@ class Learner(nn.Module, ABC):
 
     All of them take parameters as dicts of tensors and never read or write module state, so an
     estimator can evaluate them at detached, differentiable or nudged parameters alike.
+
+    Phases are deterministic: the network copies a learner runs (named in :attr:`functional_networks`) stay in
+    evaluation mode whatever mode the learner is put in, so Dropout and any other train-mode randomness of the
+    user's network are off in every inner phase, query evaluation and surrogate. Otherwise the free and nudged
+    phases of a task would see different networks, and the contrastive rule, which divides their difference by
+    beta, would amplify that noise by ``1/beta``. (BatchNorm is unaffected: see :func:`use_batch_statistics`.)
     """
+
+    functional_networks: ClassVar[tuple[str, ...]] = ()
+    """Attribute names of the parameter-free network copies (:func:`functional_copy`) the learner runs."""
 
     def __init__(self, loss: LossName) -> None:
         super().__init__()
         self.loss_name = loss
         self._loss = get_loss(loss)
+
+    def train(self, mode: bool = True) -> Learner:
+        """Set the learner's mode; its :attr:`functional_networks` stay in evaluation mode (deterministic phases)."""
+        super().train(mode)
+        for name in self.functional_networks:
+            getattr(self, name).eval()
+        return self
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The meta-parameters ``theta``, by name: those the estimators differentiate."""
@@ -76,6 +93,20 @@ class Learner(nn.Module, ABC):
         """
         return AdaptedNetwork(self, fast)
 
+    def meta_learned_network(self) -> nn.Module:
+        """What was meta-learned, as a plain copy of the user's own network class at the current meta-parameters.
+
+        Returns an instance of the user's module class holding ordinary ``nn.Parameter``\\ s and no library
+        objects, whose ``state_dict()`` loads (strictly) into a fresh instance of that class, and whose output is
+        ``predict(init_fast(theta), theta, x)``: the network every task starts from. Learners override this; the
+        meta-parameters it cannot hold (strengths, pulls) stay in the learner's ``state_dict()``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define meta_learned_network(): override it to return the network a "
+            "task starts from as a plain copy of the user's module (see ComplexSynapse or DualSystem), or save "
+            "the learner's state_dict() instead."
+        )
+
     def inner_loss(self, fast: Params, meta: Params, support: Split) -> Tensor:
         """``L_in = loss(f(x_s), y_s) + R(phi, theta)``."""
         return self._loss(self.predict(fast, meta, support.x), support.y) + self.regulariser(fast, meta)
@@ -107,11 +138,11 @@ class Learner(nn.Module, ABC):
 def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:
     """A parameter-free deep copy of ``module`` for ``functional_call``, and its parameters.
 
-    The copy keeps ``module``'s structure and buffers but no parameters (every call supplies
+    The copy, in evaluation mode, keeps ``module``'s structure and buffers but no parameters (every call supplies
     them), so a learner holding it neither duplicates the weights nor exposes them to the outer
     optimizer; the user's module is never touched.
     """
-    structure = copy.deepcopy(module)
+    structure = copy.deepcopy(module).eval()  # deterministic phases: see Learner
     params = {name: p.detach().clone() for name, p in structure.named_parameters()}
     for submodule in structure.modules():
         for name in [n for n, p in submodule._parameters.items() if p is not None]:
@@ -119,15 +150,50 @@ def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:
     return structure, params
 
 
-def use_batch_statistics(module: nn.Module) -> None:
+def use_batch_statistics(module: nn.Module) -> tuple[str, ...]:
     """Make every BatchNorm layer of ``module`` normalise with the statistics of the batch at hand,
-    in training and evaluation alike, and track no running statistics (transductive, as in MAML)."""
-    for layer in module.modules():
+    in training and evaluation alike, and track no running statistics (transductive, as in MAML).
+
+    Returns the names of the layers whose running statistics were dropped, for :func:`plain_network`.
+    """
+    dropped = []
+    for name, layer in module.named_modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            if layer.track_running_stats:
+                dropped.append(name)
             layer.track_running_stats = False
             layer.running_mean = None
             layer.running_var = None
             layer.num_batches_tracked = None
+    return tuple(dropped)
+
+
+def plain_network(structure: nn.Module, params: Params, running_statistics: tuple[str, ...]) -> nn.Module:
+    """A standalone copy of ``structure`` (from :func:`functional_copy`) holding ``params`` as ``nn.Parameter``\\ s.
+
+    The BatchNorm layers named in ``running_statistics`` get back the running statistics that
+    :func:`use_batch_statistics` dropped, at their values in a new layer (mean 0, variance 1, count 0): the learner
+    learns none, but without them the state dict would not load into a fresh instance of the user's module. The
+    copy computes what the learner computes: its BatchNorm layers are in training mode (they normalise with the
+    batch's statistics, and accumulate running ones as any training BatchNorm does) and every other module is in
+    evaluation mode (no Dropout, as in the learner's phases).
+    """
+    network = copy.deepcopy(structure)
+    for name, value in params.items():
+        *path, leaf = name.split(".")
+        network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(value.detach().clone()))
+    like = next(iter(params.values()))
+    for name in running_statistics:
+        layer = network.get_submodule(name)
+        layer.register_buffer("running_mean", like.new_zeros(layer.num_features))
+        layer.register_buffer("running_var", like.new_ones(layer.num_features))
+        layer.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=like.device))
+        layer.track_running_stats = True
+    network.eval()
+    for layer in network.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.train()
+    return network
 
 
 class ParameterTree(nn.Module):

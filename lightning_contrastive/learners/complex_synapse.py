@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_contrastive.learners.base import Learner, ParameterTree, functional_copy, use_batch_statistics
+from lightning_contrastive.learners.base import (
+    Learner,
+    ParameterTree,
+    functional_copy,
+    plain_network,
+    use_batch_statistics,
+)
 from lightning_contrastive.losses import LossName
 from lightning_contrastive.tasks import Params
 
@@ -42,6 +48,8 @@ class ComplexSynapse(Learner):
         learn_lambda: meta-learn per-synapse strengths; otherwise they stay at ``init_lambda``.
     """
 
+    functional_networks = ("backbone",)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -55,7 +63,7 @@ class ComplexSynapse(Learner):
                 f"init_lambda must be > 0 (it is the strength pulling fast weights to omega); got {init_lambda}."
             )
         self.backbone, weights = functional_copy(backbone)
-        use_batch_statistics(self.backbone)
+        self.running_statistics = use_batch_statistics(self.backbone)
         self.fast_names = tuple(weights)
         self.init_lambda = float(init_lambda)
         self.learn_lambda = learn_lambda
@@ -79,6 +87,18 @@ class ComplexSynapse(Learner):
             *path, leaf = name.split(".")
             network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(weight.detach().clone()))
         return network
+
+    def meta_learned_network(self) -> nn.Module:
+        """The backbone with its weights at ``omega``, as a plain copy of the user's module.
+
+        Its ``state_dict()`` loads strictly into a fresh instance of the backbone's class, and it computes
+        ``predict(init_fast(theta), theta, x)`` (see :func:`~lightning_contrastive.learners.base.plain_network`
+        for BatchNorm and Dropout). The strengths ``lambda`` stay in the learner's ``state_dict()``.
+        """
+        meta = self.meta_parameters()
+        return plain_network(
+            self.backbone, {name: meta[f"omega.{name}"] for name in self.fast_names}, self.running_statistics
+        )
 
     def strengths(self, meta: Params) -> dict[str, Tensor | float]:
         """``lambda`` per backbone parameter (the constant ``init_lambda`` when not learned)."""

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_contrastive.learners.base import Learner, ParameterTree, functional_copy, use_batch_statistics
+from lightning_contrastive.learners.base import (
+    Learner,
+    ParameterTree,
+    functional_copy,
+    plain_network,
+    use_batch_statistics,
+)
 from lightning_contrastive.losses import LossName
 from lightning_contrastive.tasks import Params
 
@@ -122,6 +128,8 @@ class DualSystem(Learner):
         code_size: length of the task code; required for ``modulator="network"``, not accepted otherwise.
     """
 
+    functional_networks = ("network",)
+
     def __init__(
         self,
         primary: nn.Module,
@@ -141,7 +149,7 @@ class DualSystem(Learner):
         self.code_size = code_size
         self.modulated, self.readout_layer = find_layers(primary)
         self.network, weights = functional_copy(primary)
-        use_batch_statistics(self.network)
+        self.running_statistics = use_batch_statistics(self.network)
         readout_prefix = f"{self.readout_layer}."
         self.readout_names = {
             f"readout.{name.removeprefix(readout_prefix)}": name for name in weights if name.startswith(readout_prefix)
@@ -180,10 +188,32 @@ class DualSystem(Learner):
 
     def predict(self, fast: Params, meta: Params, x: Tensor) -> Tensor:
         """The primary network under slow weights ``primary.*``, modulated by ``fast``, with the fast readout."""
-        weights = {name.removeprefix("primary."): w for name, w in meta.items() if name.startswith("primary.")}
-        weights |= {name: fast[readout] for readout, name in self.readout_names.items()}
         with self._modulated(self.modulations(fast, meta)):
-            return functional_call(self.network, weights, (x,))
+            return functional_call(self.network, self._network_weights(fast, meta), (x,))
+
+    def meta_learned_network(self) -> nn.Module:
+        """The network a task starts from, as a plain copy of the user's primary network.
+
+        It holds the slow weights ``primary.*``, the readout at its start ``init.readout.*``, and the starting
+        modulation (``init.gain.*``/``init.shift.*``, or the modulator at ``init.code``) folded into the layer at
+        each modulation's site: a gain ``g`` and shift ``s`` on the output ``h = w * z + b`` of a ``Linear`` or
+        convolution (``w`` its rows) or of a normalisation layer (``w``, ``b`` its affine) fold exactly, as
+        ``g h + s = (g w) * z + (g b + s)``. Its ``state_dict()`` loads strictly into a fresh instance of the
+        primary's class, and it computes ``predict(init_fast(theta), theta, x)`` (see
+        :func:`~lightning_contrastive.learners.base.plain_network` for BatchNorm and Dropout). The pull and the
+        modulator stay in the learner's ``state_dict()``.
+
+        Raises:
+            ValueError: naming the layer, when a modulation site has no bias (or no affine weight) to fold into.
+                Adding one would break the promise that the state dict loads into the user's class, so the fix is
+                the user's: give that layer a bias (``bias=True``, ``affine=True``, ``elementwise_affine=True``).
+        """
+        meta = {name: p.detach() for name, p in self.meta_parameters().items()}
+        fast = self.init_fast(meta)
+        weights = self._network_weights(fast, meta)
+        for block, (gain, shift) in zip(self.modulated, self.modulations(fast, meta).values(), strict=True):
+            weights |= self._folded(block, gain, shift, weights)
+        return plain_network(self.network, weights, self.running_statistics)
 
     def regulariser(self, fast: Params, meta: Params) -> Tensor:
         """``R = pull / 2 ||m - m0||^2`` over every fast parameter, readout included."""
@@ -194,6 +224,40 @@ class DualSystem(Learner):
     def initialisations(self) -> dict[str, str]:
         """Every fast parameter starts as a copy of its ``init.*``; the ``primary.*`` weights start nothing."""
         return {name: f"init.{name}" for name in self.fast_names}
+
+    def _network_weights(self, fast: Params, meta: Params) -> Params:
+        """The primary's parameters under their names in it: slow ones from ``meta``, the readout from ``fast``."""
+        weights = {name.removeprefix("primary."): w for name, w in meta.items() if name.startswith("primary.")}
+        return weights | {name: fast[readout] for readout, name in self.readout_names.items()}
+
+    def _folded(self, block: ModulatedLayer, gain: Tensor, shift: Tensor, weights: Params) -> Params:
+        """The weight and bias of ``block``'s site with ``h -> gain * h + shift`` folded into them."""
+        site = self.network.get_submodule(block.site)
+        weight, bias = weights.get(f"{block.site}.weight"), weights.get(f"{block.site}.bias")
+        if weight is None or bias is None:
+            missing = " and ".join(part for part, t in (("weight", weight), ("bias", bias)) if t is None)
+            raise ValueError(
+                f"meta_learned_network cannot fold the modulation of {block.layer!r} into "
+                f"{_describe(block.site, site)}: it has no {missing}, so a fresh instance of the primary network "
+                "has nowhere to hold the learned gains and shifts. Give that layer one (bias=True, affine=True or "
+                "elementwise_affine=True), or keep the learner's state_dict() instead."
+            )
+        spans_trailing = isinstance(site, nn.LayerNorm)  # its affine covers every normalised dimension
+        if weight.shape[0] != block.units or (spans_trailing and weight.dim() != 1 + block.trailing_dims):
+            raise ValueError(
+                f"meta_learned_network cannot fold per-unit gains and shifts of {block.layer!r} into "
+                f"{_describe(block.site, site)}, whose affine weight has shape {tuple(weight.shape)}: it must have "
+                f"{block.units} units on its first dimension"
+                f"{f' and {block.trailing_dims} more after it' if spans_trailing else ''}."
+            )
+
+        def along_units(t: Tensor, like: Tensor) -> Tensor:
+            return t.view(block.units, *[1] * (like.dim() - 1))
+
+        return {
+            f"{block.site}.weight": along_units(gain, weight) * weight,
+            f"{block.site}.bias": along_units(gain, bias) * bias + along_units(shift, bias),
+        }
 
     @contextmanager
     def _modulated(self, modulations: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:

@@ -17,11 +17,15 @@ module any ``LightningDataModule`` under ``data:`` (short names such as ``Sinuso
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import re
+import sys
+import typing
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import yaml
-from pytorch_lightning.cli import ArgsType, LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 # Imported for their classes: jsonargparse resolves short names (``SinusoidDataModule``, ``MAML``,
 # ``DualSystem``) among the subclasses already imported.
@@ -43,9 +47,56 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
     """
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+
+
+class MetaLearningArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors are short: the problem, the valid class names, and where help is.
+
+    The stock parser prints the whole usage (some 55 lines of ``[--trainer.x X]``) before the one line that says
+    what went wrong. For a class argument given an unknown name (``--model.estimator MAMl``) this also lists the
+    names that would resolve. With ``exit_on_error=False`` errors are raised as before.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {message.rstrip()}\n{_valid_names(parser, message)}")
+        sys.stderr.write(f"Every option: {prog} --help\n")
+        self.exit(2)
+
+
+def _valid_names(parser: LightningArgumentParser, message: str) -> str:
+    """``"Valid names: A, B, C\\n"`` for the class-typed argument ``message`` is about, else ``""``.
+
+    The names are the public, concrete subclasses of the argument's type imported so far, which is what
+    jsonargparse resolves short names against (this module imports every learner, estimator and data module).
+    """
+    key = re.search(r'Parser key "([^"]+)"', message)
+    action = parser._option_string_actions.get(f"--{key.group(1)}") if key else None
+    hint = getattr(action, "_typehint", None)
+    bases = [hint] if isinstance(hint, type) else [arg for arg in typing.get_args(hint) if isinstance(arg, type)]
+    bases = [base for base in bases if base is not type(None)]
+    if len(bases) != 1:
+        return ""
+    names = sorted({cls.__name__ for cls in _subclasses(bases[0]) if _is_public_class(cls)})
+    return f"Valid names: {', '.join(names)} (or a full class_path).\n" if names else ""
+
+
+def _subclasses(base: type) -> list[type]:
+    """``base`` and every class that derives from it, however indirectly."""
+    found = [base]
+    for subclass in base.__subclasses__():
+        found += _subclasses(subclass)
+    return found
+
+
+def _is_public_class(cls: type) -> bool:
+    return not inspect.isabstract(cls) and not cls.__name__.startswith("_") and "<locals>" not in cls.__qualname__
 
 
 class MetaLearningCLI(LightningCLI):
@@ -67,6 +118,7 @@ class MetaLearningCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", MetaLearningArgumentParser)
         super().__init__(MetaLearningModule, args=args, run=run, **kwargs)
 
 

@@ -15,6 +15,10 @@ from lightning_contrastive.cli import MetaLearningCLI, main
 from lightning_contrastive.module import MetaLearningModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sinusoid"
+EVERY_SHIPPED_CONFIG = sorted(
+    path for folder in ("sinusoid", "omniglot", "paper") for path in (CONFIGS.parent / folder).glob("*.yaml")
+)
+ESTIMATORS = ["Contrastive", "MAML", "FirstOrderMAML", "Implicit", "Reptile"]
 SHIPPED_CONFIGS = ["contrastive", "contrastive_one_sided", "maml", "fomaml", "implicit", "reptile", "dual_system"]
 
 
@@ -75,6 +79,36 @@ def test_the_estimator_swaps_with_one_flag(tmp_path: Path) -> None:
     assert estimator.inner_optimizer.lr == 0.005  # carried over from the config's Contrastive
     assert estimator.inner_steps == 20  # the config's inner steps: a swap keeps the inner learning
     assert cli.trainer.global_step == 1
+
+
+def inner_learning(estimator: object) -> tuple[int, float, float]:
+    """What a swap must keep: the inner steps, learning rate and momentum."""
+    return estimator.inner_steps, estimator.inner_optimizer.lr, estimator.inner_optimizer.momentum
+
+
+@pytest.mark.parametrize("config", EVERY_SHIPPED_CONFIG, ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_every_estimator_swap_keeps_the_configs_inner_learning(config: Path, tmp_path: Path) -> None:
+    """``--model.estimator X`` on any shipped config runs X with the config's inner steps, lr and momentum."""
+    arguments = [f"--config={config}", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    configured = inner_learning(MetaLearningCLI(args=arguments, run=False).model.estimator)
+    for name in ESTIMATORS:
+        try:
+            swapped = MetaLearningCLI(args=[*arguments, f"--model.estimator={name}"], run=False).model.estimator
+        except ValueError as refusal:  # Reptile on a learner with meta-parameters that are not initialisations
+            assert name == "Reptile" and "Reptile is defined only for" in str(refusal), (name, refusal)
+            continue
+        assert type(swapped).__name__ == name
+        assert inner_learning(swapped) == configured, name
+
+
+def test_a_mistyped_estimator_names_the_valid_ones_in_a_few_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={CONFIGS / 'contrastive.yaml'}", "--model.estimator=MAMl"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Valid names: Contrastive, FirstOrderMAML, Implicit, MAML, Reptile" in error
+    assert "MAMl" in error and "--help" in error
+    assert len(error.splitlines()) < 10, error  # not the whole usage
 
 
 def test_reptile_with_learned_strengths_is_refused_before_training(tmp_path: Path) -> None:

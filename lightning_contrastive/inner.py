@@ -99,7 +99,7 @@ def minimise(
     """
     check_steps("steps", steps)
     with torch.enable_grad():  # adaptation needs autograd even inside a caller's no_grad block
-        if _inside_function_transform():
+        if inside_function_transform():
             return _minimise_transformed(objective, start, steps, optimizer, differentiable)
         if differentiable:
             return _minimise_unrolled(objective, start, steps, optimizer)
@@ -154,7 +154,7 @@ def _phase(params: Params, start_loss: Tensor, loss: Tensor) -> Phase:
     return Phase(params=params, loss=loss.detach(), start_loss=start_loss, finite=torch.stack(checks).all())
 
 
-def _inside_function_transform() -> bool:
+def inside_function_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is active around this call.
 
     Read from functorch's interpreter stack; torch has no public query for it (as of 2.13).

@@ -34,13 +34,13 @@ class MetaEstimate:
     skipped: list[InnerFault]
 
 
-def compute_dtype(learner: Learner) -> torch.dtype:
-    """The learner's parameter dtype, widened to at least float32.
+def compute_dtype(learner: Learner, estimator: Estimator | None = None) -> torch.dtype:
+    """The learner's parameter dtype, widened to at least ``estimator.minimum_dtype`` (float32 without one).
 
     Contrastive differences cancel at small beta, so inner phases never run in half precision.
     """
     dtype = next(p for _, p in learner.named_meta_parameters()).dtype
-    return torch.promote_types(dtype, torch.float32)
+    return torch.promote_types(dtype, torch.float32 if estimator is None else estimator.minimum_dtype)
 
 
 @contextmanager
@@ -127,7 +127,7 @@ def estimate(
             f"{type(estimator).__name__} cannot run batched: its per-task work is not marked safe for "
             "torch.func.vmap (Estimator.batchable is False). Pass batched=False or batched=None."
         )
-    dtype = compute_dtype(learner)
+    dtype = compute_dtype(learner, estimator)
     live = learner.meta_parameters()
     device_type = next(iter(live.values())).device.type
     with torch.enable_grad(), torch.autocast(device_type, enabled=False), ieee_float32():

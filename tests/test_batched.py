@@ -66,7 +66,12 @@ ESTIMATORS = {
     "contrastive one-sided": lambda: Contrastive(
         beta=0.1, symmetric=False, inner_steps=6, nudged_steps=4, inner_lr=0.1
     ),
-    "contrastive, every query drawn": lambda: Contrastive(inner_steps=4, nudged_steps=3, query_subsample=QUERY),
+    "contrastive symmetric, full nudge": lambda: Contrastive(
+        beta=0.1, symmetric=True, inner_steps=6, nudged_steps=4, nudge="full", inner_lr=0.1
+    ),
+    "contrastive, every query drawn": lambda: Contrastive(
+        inner_steps=4, nudged_steps=3, nudge="full", query_subsample=QUERY
+    ),
     "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
     "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),
 }
@@ -185,7 +190,9 @@ class QueryCounting(ComplexSynapse):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_query_subsample_evaluates_that_many_queries_per_nudged_step_and_all_in_the_surrogate(symmetric: bool) -> None:
     learner = QueryCounting()
-    estimator = Contrastive(beta=0.1, symmetric=symmetric, inner_steps=3, nudged_steps=4, query_subsample=3)
+    estimator = Contrastive(
+        beta=0.1, symmetric=symmetric, inner_steps=3, nudged_steps=4, nudge="full", query_subsample=3
+    )
     meta_gradient(learner, estimator, classification_batch(tasks=1), batched=False)
     phases = 2 if symmetric else 1
     assert learner.query_sizes == [3] * 4 * phases + [QUERY] * phases
@@ -193,8 +200,10 @@ def test_query_subsample_evaluates_that_many_queries_per_nudged_step_and_all_in_
 
 def test_query_subsample_of_at_least_every_query_is_the_full_estimate() -> None:
     learner, batch = complex_synapse(), classification_batch()
-    full = meta_gradient(learner, Contrastive(inner_steps=4, nudged_steps=3), batch, batched=False)
-    drawn = meta_gradient(learner, Contrastive(inner_steps=4, nudged_steps=3, query_subsample=QUERY + 5), batch)
+    full = meta_gradient(learner, Contrastive(inner_steps=4, nudged_steps=3, nudge="full"), batch, batched=False)
+    drawn = meta_gradient(
+        learner, Contrastive(inner_steps=4, nudged_steps=3, nudge="full", query_subsample=QUERY + 5), batch
+    )
     torch.testing.assert_close(drawn, full, rtol=1e-10, atol=1e-12)
 
 
@@ -204,6 +213,7 @@ def test_query_subsampled_estimates_average_to_the_full_estimate() -> None:
     of the mean over all queries, so the subsampled estimates average to the full one."""
     learner, batch = complex_synapse(learn_lambda=False), classification_batch(tasks=2, queries=12)
     settings = {"beta": 0.1, "symmetric": False, "inner_steps": 3, "nudged_steps": 1, "inner_momentum": 0.0}
+    settings["nudge"] = "full"
     full = meta_gradient(learner, Contrastive(**settings), batch, batched=True)
     torch.manual_seed(0)
     draws = [
@@ -221,4 +231,4 @@ def test_query_subsampled_estimates_average_to_the_full_estimate() -> None:
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True])
 def test_query_subsample_must_be_a_whole_number_of_queries(bad: object) -> None:
     with pytest.raises(ValueError, match="query_subsample must be an integer >= 1"):
-        Contrastive(query_subsample=bad)  # type: ignore[arg-type]
+        Contrastive(nudge="full", query_subsample=bad)  # type: ignore[arg-type]

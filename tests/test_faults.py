@@ -33,11 +33,16 @@ from lightning_contrastive import (
 )
 from lightning_contrastive.inner import minimise
 from lightning_contrastive.networks import MLP
+from lightning_contrastive.tasks import Params, Split, split_batch
 
 Batch = dict[str, tuple[Tensor, Tensor]]
 ESTIMATORS = {
     "contrastive": Contrastive(beta=0.1, inner_steps=10, nudged_steps=5, inner_lr=0.005),
     "contrastive-one-sided": Contrastive(beta=0.1, symmetric=False, inner_steps=10, nudged_steps=5, inner_lr=0.005),
+    "contrastive-full": Contrastive(beta=0.1, nudge="full", inner_steps=10, nudged_steps=5, inner_lr=0.005),
+    "contrastive-full-one-sided": Contrastive(
+        beta=0.1, symmetric=False, nudge="full", inner_steps=10, nudged_steps=5, inner_lr=0.005
+    ),
     "maml": MAML(inner_steps=5, inner_lr=0.005),
     "first-order-maml": FirstOrderMAML(inner_steps=5, inner_lr=0.005),
     "implicit": Implicit(inner_steps=5, inner_lr=0.005, cg_steps=3),
@@ -129,9 +134,9 @@ def test_nan_in_a_task_stops_with_an_error_naming_the_task_the_phase_and_the_dat
     assert all(torch.equal(p, before[key]) for key, p in learner.named_meta_parameters())
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_a_diverging_nudged_phase_is_caught_while_the_free_phase_is_sound(symmetric: bool) -> None:
-    estimator = ESTIMATORS["contrastive" if symmetric else "contrastive-one-sided"]
+@pytest.mark.parametrize("name", [name for name in ESTIMATORS if name.startswith("contrastive")])
+def test_a_diverging_nudged_phase_is_caught_while_the_free_phase_is_sound(name: str) -> None:
+    estimator = ESTIMATORS[name]
     for batched in (False, True):
         with pytest.raises(InnerLoopError) as raised:
             estimate(make_learner(), estimator, with_steep_queries(sinusoid_batch(), task=2), batched=batched)
@@ -150,6 +155,38 @@ def test_the_divergence_ratio_sets_how_far_a_nudged_phase_may_move() -> None:
         estimate(make_learner(), strict, batch)
     with pytest.raises(ValueError, match="divergence_ratio must be > 0"):
         Contrastive(divergence_ratio=0.0)
+
+
+class ShiftedLosses(ComplexSynapse):
+    """The same learner with constants subtracted from its losses, as a log-likelihood might be: same gradients."""
+
+    def __init__(self, inner_shift: float) -> None:
+        super().__init__(MLP(1, (8,), 1).double(), loss="mse", init_lambda=1.0)
+        self.inner_shift = inner_shift
+
+    def inner_loss(self, fast: Params, meta: Params, support: Split) -> Tensor:
+        return super().inner_loss(fast, meta, support) - self.inner_shift
+
+
+@pytest.mark.parametrize("nudge", ["linear", "full"])
+def test_the_divergence_scale_holds_for_losses_that_cancel_or_go_negative(nudge: str) -> None:
+    """Shift ``L_in`` so that ``L_in + beta L_query`` is about 0 at ``phi_0``: a scale of that sum would flag every
+    sound nudge; the scale ``|L_in| + beta |L_query|`` flags none, and the estimate is the unshifted one."""
+    estimator = Contrastive(beta=0.1, nudge=nudge, inner_steps=10, nudged_steps=5, inner_lr=0.005)
+    batch = without_task(without_task(sinusoid_batch(), task=2), task=1)
+    torch.manual_seed(0)
+    plain = ShiftedLosses(inner_shift=0.0)
+    task = split_batch(batch)[0]
+    meta = plain.meta_parameters()
+    free = estimator.adapt(plain, meta, task.support)
+    shift = float(free.loss + 0.1 * plain.query_loss(free.params, meta, task.query))
+    shifted = ShiftedLosses(inner_shift=shift)
+    shifted.load_state_dict(plain.state_dict())
+    result = estimate(shifted, estimator, batch)
+    assert result.skipped == []
+    torch.testing.assert_close(
+        meta_gradient(shifted, estimator, batch), meta_gradient(plain, estimator, batch), rtol=1e-9, atol=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------------- estimate, skip policy

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from lightning_contrastive.inner import InnerSGD, Phase, minimise
@@ -32,6 +34,24 @@ class TaskEstimate:
     adapted: Params
     inner_losses: dict[str, Tensor]
     faults: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_phases(
+        cls,
+        surrogate: Tensor,
+        adapted: Params,
+        phases: Mapping[str, Phase],
+        diverged: Mapping[str, Tensor] | None = None,
+    ) -> TaskEstimate:
+        """The estimate of a task learned in ``phases`` (by name, in the order they ran).
+
+        Each phase's final objective becomes its ``inner_losses`` entry, and its fault flag is "not finite", or
+        "not finite or diverged" for the phases named in ``diverged`` (boolean scalar tensors).
+        """
+        diverged = diverged or {}
+        faults = {name: ~phase.finite for name, phase in phases.items()}
+        faults.update({name: faults[name] | flag for name, flag in diverged.items()})
+        return cls(surrogate, adapted, {name: phase.loss for name, phase in phases.items()}, faults)
 
 
 def detached(params: Params) -> Params:
@@ -62,6 +82,11 @@ class Estimator(ABC):
     @abstractmethod
     def adaptation_steps(self) -> int:
         """How many inner steps :meth:`adapt` takes."""
+
+    @property
+    def minimum_dtype(self) -> torch.dtype:
+        """The narrowest dtype the inner phases and the surrogate may run in (the learner's, if wider, wins)."""
+        return torch.float32
 
     def check_learner(self, learner: Learner) -> None:
         """Raise ``ValueError`` if this estimator is undefined for ``learner``; all are by default."""

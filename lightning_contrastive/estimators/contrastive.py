@@ -1,61 +1,81 @@
-"""The contrastive meta-learning rule (Zucchet et al., NeurIPS 2022)."""
+"""The contrastive meta-learning rule (Zucchet et al., NeurIPS 2022), with the paper's nudge and a linearised one."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_contrastive.estimators.base import Estimator, TaskEstimate, detached
-from lightning_contrastive.inner import InnerSGD, Phase, check_steps, minimise
+from lightning_contrastive.inner import InnerSGD, Phase, check_steps, inside_function_transform, minimise
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Split, Task
+
+Nudge = Literal["linear", "full"]
+Precision = Literal["float32", "float64"]
 
 
 class Contrastive(Estimator):
     """Two-phase contrastive estimate of the meta-gradient: first-order, constant memory in the steps.
 
-    With the augmented loss ``L_beta(phi, theta) = L_in(phi, theta) + beta L_query(phi, theta)``:
+    1. free phase: ``inner_steps`` inner steps on ``L_in`` from the learner's start give ``phi_0``;
+    2. nudged phase(s): ``nudged_steps`` steps warm-started from ``phi_0`` on a nudged objective give
+       ``phi_beta`` (and ``phi_-beta`` for the symmetric rule);
+    3. the estimate is read off the difference between the phases.
 
-    1. free phase: ``inner_steps`` inner steps on ``L_0 = L_in`` from the learner's start give ``phi_0``;
-    2. nudged phase(s): ``nudged_steps`` steps on ``L_beta`` warm-started from ``phi_0`` give ``phi_beta``
-       (and ``phi_-beta`` for the symmetric rule);
-    3. estimate, one-sided: ``g = [dL_beta/dtheta(phi_beta, theta) - dL_0/dtheta(phi_0, theta)] / beta``,
-       symmetric: ``g = [dL_beta/dtheta(phi_beta, theta) - dL_-beta/dtheta(phi_-beta, theta)] / (2 beta)``.
+    **Linear nudge** (``nudge="linear"``, the default). One forward and backward pass over the query set at
+    ``phi_0`` gives ``g = dL_query/dphi(phi_0, theta)``; the nudged phases descend
+    ``L_in(phi, theta) + beta <g, phi - phi_0>`` (and ``- beta``), which never evaluates the query set, so a
+    nudged step costs a free step. Estimate, symmetric:
+    ``[dL_in/dtheta(phi_beta) - dL_in/dtheta(phi_-beta)] / (2 beta) + dL_query/dtheta(phi_0, theta)``;
+    one-sided: ``[dL_in/dtheta(phi_beta) - dL_in/dtheta(phi_0)] / beta + dL_query/dtheta(phi_0, theta)``. The
+    last term is the query loss's direct dependence on ``theta`` (the dual system's slow weights; zero for the
+    complex synapse). At convergence ``phi_+-beta = phi_0 -+ beta H^-1 g + beta^2 c + O(beta^3)``, with ``c``
+    from third derivatives of ``L_in`` alone, so the symmetric difference cancels ``c``.
 
-    The surrogate is ``S = [L_beta(sg phi_beta, theta) - L_0(sg phi_0, theta)] / beta`` (symmetric:
-    ``[L_beta(sg phi_beta, theta) - L_-beta(sg phi_-beta, theta)] / (2 beta)``), so ``dS/dtheta = g``
-    and the ``beta dL_query/dtheta`` term carries any direct dependence of the query loss on ``theta``.
-    Bias is O(beta) one-sided and O(beta^2) symmetric, plus O(delta / beta) when the phases are solved
-    only to accuracy ``delta``: a smaller beta needs better-converged phases.
+    **Full nudge** (``nudge="full"``, the paper's). The nudged phases descend
+    ``L_beta = L_in + beta L_query``; estimate, one-sided
+    ``[dL_beta/dtheta(phi_beta) - dL_0/dtheta(phi_0)] / beta``, symmetric
+    ``[dL_beta/dtheta(phi_beta) - dL_-beta/dtheta(phi_-beta)] / (2 beta)``, where the ``beta dL_query/dtheta``
+    term carries the direct dependence. Every nudged step evaluates the query set (or ``query_subsample`` of it),
+    which dominates when the query set is much larger than the support set (Omniglot 20-way 1-shot: 300 queries
+    against 20 support images, so a nudged step costs about 15-20 free ones).
+
+    Both nudges have bias O(beta) one-sided and O(beta^2) symmetric, plus O(delta / beta) when the phases are
+    solved only to accuracy ``delta`` (a smaller beta needs better-converged phases), and the same limit as
+    beta -> 0: the implicit meta-gradient. The surrogate is the matching difference of losses at the detached
+    phase solutions, e.g. ``[L_in(sg phi_beta, theta) - L_in(sg phi_-beta, theta)] / (2 beta)
+    + L_query(sg phi_0, theta)`` for the symmetric linear nudge, so that ``dS/dtheta`` is the estimate.
 
     Cost: ``inner_steps + nudged_steps`` (one-sided) or ``inner_steps + 2 nudged_steps`` (symmetric)
-    first-order steps, each nudged step also evaluating the query set; memory is that of one forward
-    and backward pass, whatever the number of steps. The query evaluations dominate when the query set
-    is much larger than the support set (Omniglot 20-way 1-shot: 300 queries against 20 support images,
-    so a nudged step costs about 20 free ones). Two knobs cut them: fewer ``nudged_steps`` (the nudged
-    phases warm-start from ``phi_0`` and only move by O(beta)), and ``query_subsample``, which evaluates
-    each nudged step's query loss on a fresh random subset of the queries: an unbiased estimate of its
-    gradient, at ``query_subsample / len(query)`` of the cost. The surrogate still uses every query.
+    first-order steps, plus one query pass (linear); memory is that of one forward and backward pass, whatever
+    the number of steps.
 
     Args:
         beta: nudging strength, > 0.
         symmetric: nudge at ``+beta`` and ``-beta`` (lower bias) instead of ``+beta`` only.
         inner_steps: inner steps of the free phase (also the steps of :meth:`adapt`).
-        nudged_steps: inner steps of each nudged phase.
+        nudged_steps: inner steps of each nudged phase; ``None`` (default) takes ``inner_steps``. At short
+            budgets, nudged phases as long as the free one gave better meta-test accuracy than half as long
+            (RESULTS.md).
+        nudge: ``"linear"`` (query gradient frozen at ``phi_0``) or ``"full"`` (the query loss itself).
         inner_lr: learning rate of the free phase.
         inner_momentum: momentum of every phase.
         nudged_lr: learning rate of the nudged phases; ``None`` uses ``inner_lr``.
-        query_subsample: evaluate each nudged step's query loss on this many queries drawn at random
-            without replacement (from torch's global generator, so ``torch.manual_seed`` fixes them);
-            ``None`` (default) uses every query, as does a number >= the task's query count.
+        query_subsample: full nudge only: evaluate each nudged step's query loss on this many queries drawn at
+            random without replacement (from torch's global generator), an unbiased estimate of its gradient
+            at ``query_subsample / len(query)`` of the cost; ``None`` (default) uses every query.
         divergence_ratio: a nudged phase counts as diverged (a fault, see ``TaskEstimate.faults``) when its
-            objective moves by more than this many times ``L_in + beta L_query`` at ``phi_0``. A nudge is meant to
-            move the solution by O(beta), and with nonnegative losses a descent on ``L_beta`` from ``phi_0`` can
-            lower it by at most that much; a larger move is a step size too large for the nudged objective, or
-            an ``L_-beta`` unbounded below (e.g. MSE on an unbounded network).
+            objective moves by more than this many times ``|L_in(phi_0)| + beta |L_query(phi_0)|``. A nudge moves
+            the solution by O(beta); a larger move is a step size too large for the nudged objective or an
+            objective unbounded below (e.g. ``L_in - beta L_query`` with MSE on an unbounded network). The scale
+            adds magnitudes, so losses of either sign (a log-likelihood, say) cannot cancel it to zero.
+        precision: the dtype of the phases and of the contrastive difference, at least the learner's:
+            ``"float64"`` for a beta so small (below about 1e-3 for float32 models) that the difference of
+            float32 losses loses its digits; it costs about twice the time on CPUs.
     """
 
     batchable = True
@@ -65,72 +85,132 @@ class Contrastive(Estimator):
         beta: float = 0.1,
         symmetric: bool = True,
         inner_steps: int = 100,
-        nudged_steps: int = 50,
+        nudged_steps: int | None = None,
+        nudge: Nudge = "linear",
         inner_lr: float = 0.01,
         inner_momentum: float = 0.9,
         nudged_lr: float | None = None,
         query_subsample: int | None = None,
         divergence_ratio: float = 10.0,
+        precision: Precision = "float32",
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
         if isinstance(beta, bool) or not beta > 0:
             raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")
         check_steps("inner_steps", inner_steps)
+        nudged_steps = inner_steps if nudged_steps is None else nudged_steps
         check_steps("nudged_steps", nudged_steps)
+        if nudge not in ("linear", "full"):
+            raise ValueError(f'nudge must be "linear" or "full"; got {nudge!r}.')
         if query_subsample is not None:
             check_steps("query_subsample", query_subsample)
+            if nudge == "linear":
+                raise ValueError(
+                    "query_subsample applies only to nudge='full': the linear nudge never evaluates the query set "
+                    "inside its nudged phases. Drop query_subsample, or pass nudge='full'."
+                )
         if isinstance(divergence_ratio, bool) or not divergence_ratio > 0:
             raise ValueError(f"divergence_ratio must be > 0; got {divergence_ratio!r}.")
+        if precision not in ("float32", "float64"):
+            raise ValueError(f'precision must be "float32" or "float64"; got {precision!r}.')
         self.beta = float(beta)
         self.symmetric = symmetric
         self.inner_steps = inner_steps
         self.nudged_steps = nudged_steps
+        self.nudge = nudge
         self.nudged_optimizer = InnerSGD(inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
         self.query_subsample = query_subsample
         self.divergence_ratio = float(divergence_ratio)
+        self.precision = precision
 
     @property
     def adaptation_steps(self) -> int:
         return self.inner_steps
 
-    def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
-        frozen = detached(meta)
+    @property
+    def minimum_dtype(self) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else torch.float32
 
-        def augmented(fast: Params, theta: Params, beta: float, query: Split = task.query) -> Tensor:
-            loss = learner.inner_loss(fast, theta, task.support)
-            return loss + beta * learner.query_loss(fast, theta, query) if beta else loss
+    def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
+        free = self.adapt(learner, meta, task.support)
+        if self.nudge == "linear":
+            return self._linear_nudge(learner, meta, task, free)
+        return self._full_nudge(learner, meta, task, free)
+
+    def _linear_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
+        frozen = detached(meta)
+        origin = free.params
+        query_grad, direct = _query_gradient(learner, meta, origin, task.query)
+
+        def nudged(beta: float) -> Phase:
+            def objective(fast: Params) -> Tensor:
+                pull = sum((query_grad[name] * (p - origin[name])).sum() for name, p in fast.items())
+                return learner.inner_loss(fast, frozen, task.support) + beta * pull
+
+            return minimise(objective, origin, self.nudged_steps, self.nudged_optimizer)
+
+        def difference_term(phase: Phase, beta: float) -> Tensor:
+            return learner.inner_loss(phase.params, meta, task.support)
+
+        return self._estimate(free, nudged, difference_term, direct)
+
+    def _full_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
+        frozen = detached(meta)
 
         def nudged(beta: float) -> Phase:
             queries = self._nudged_queries(task.query)
             return minimise(
-                lambda fast: augmented(fast, frozen, beta, next(queries)),
+                lambda fast: (
+                    learner.inner_loss(fast, frozen, task.support)
+                    + beta * learner.query_loss(fast, frozen, next(queries))
+                ),
                 free.params,
                 self.nudged_steps,
                 self.nudged_optimizer,
             )
 
-        free = self.adapt(learner, meta, task.support)
-        plus = nudged(self.beta)
-        nudge_scale = plus.start_loss.abs()  # L_in + beta L_query at phi_0, which bounds |L_-beta(phi_0)| too
-        faults = {"free": ~free.finite, "nudged_pos": self._failed(plus, nudge_scale)}
-        if self.symmetric:
-            minus = nudged(-self.beta)
-            surrogate = (augmented(plus.params, meta, self.beta) - augmented(minus.params, meta, -self.beta)) / (
-                2 * self.beta
-            )
-            inner_losses = {"free": free.loss, "nudged_pos": plus.loss, "nudged_neg": minus.loss}
-            faults["nudged_neg"] = self._failed(minus, nudge_scale)
-        else:
-            surrogate = (augmented(plus.params, meta, self.beta) - augmented(free.params, meta, 0.0)) / self.beta
-            inner_losses = {"free": free.loss, "nudged_pos": plus.loss}
-        return TaskEstimate(surrogate=surrogate, adapted=free.params, inner_losses=inner_losses, faults=faults)
+        def difference_term(phase: Phase, beta: float) -> Tensor:
+            inner = learner.inner_loss(phase.params, meta, task.support)
+            return inner + beta * learner.query_loss(phase.params, meta, task.query) if beta else inner
 
-    def _failed(self, phase: Phase, scale: Tensor) -> Tensor:
-        """Whether a nudged phase went non-finite or moved its objective by more than ``divergence_ratio * scale``."""
-        return ~phase.finite | ((phase.loss - phase.start_loss).abs() > self.divergence_ratio * scale)
+        return self._estimate(free, nudged, difference_term)
+
+    def _estimate(
+        self,
+        free: Phase,
+        nudged: Callable[[float], Phase],
+        difference_term: Callable[[Phase, float], Tensor],
+        direct: Tensor | None = None,
+    ) -> TaskEstimate:
+        """The surrogate and faults of either nudge.
+
+        ``nudged(beta)`` runs a nudged phase from ``phi_0``; ``difference_term(phase, beta)`` is the loss, live in
+        ``theta``, at the phase's detached solution whose difference between phases, over ``beta`` (one-sided) or
+        ``2 beta`` (symmetric), is the estimate; ``direct`` (linear nudge) is ``L_query(sg phi_0, theta)``, added
+        once.
+        """
+        plus = nudged(self.beta)
+        # The divergence scale |L_in(phi_0)| + beta |L_query(phi_0)|, with the free phase's last objective for
+        # L_in(phi_0); the full nudge's first step evaluated L_in + beta L_query at phi_0, so its query term is free.
+        query_term = self.beta * direct.detach().abs() if direct is not None else (plus.start_loss - free.loss).abs()
+        scale = free.loss.abs() + query_term
+        phases = {"free": free, "nudged_pos": plus}
+        if self.symmetric:
+            phases["nudged_neg"] = minus = nudged(-self.beta)
+            surrogate = (difference_term(plus, self.beta) - difference_term(minus, -self.beta)) / (2 * self.beta)
+        else:
+            surrogate = (difference_term(plus, self.beta) - difference_term(free, 0.0)) / self.beta
+        if direct is not None:
+            surrogate = surrogate + direct
+        diverged = {name: self._diverged(phase, scale) for name, phase in phases.items() if name != "free"}
+        return TaskEstimate.from_phases(surrogate, free.params, phases, diverged)
+
+    def _diverged(self, phase: Phase, scale: Tensor) -> Tensor:
+        """Whether a nudged phase moved its objective by more than ``divergence_ratio * scale``."""
+        return (phase.loss - phase.start_loss).abs() > self.divergence_ratio * scale
 
     def _nudged_queries(self, query: Split) -> Iterator[Split]:
-        """The query set of each nudged step: all of it, or a fresh random ``query_subsample`` of it.
+        """The query set of each full-nudge step: all of it, or a fresh random ``query_subsample`` of it.
 
         The subsets are drawn up front, one row of indices per step, so the loop never syncs with the host.
         """
@@ -139,3 +219,20 @@ class Contrastive(Estimator):
             return itertools.repeat(query)
         rows = torch.rand(self.nudged_steps, count, device=query.y.device).argsort(dim=1)[:, : self.query_subsample]
         return (Split(query.x[indices], query.y[indices]) for indices in rows)
+
+
+def _query_gradient(learner: Learner, meta: Params, fast: Params, query: Split) -> tuple[Params, Tensor]:
+    """``g = dL_query/dphi(fast, theta)`` (detached) and ``L_query(sg fast, theta)``, live in ``meta``.
+
+    Outside ``torch.func`` transforms one forward pass serves both; under ``vmap`` the fast gradient comes from
+    ``torch.func.grad``, which sees through batched tensors where ``torch.autograd.grad`` cannot.
+    """
+    with torch.enable_grad():
+        if inside_function_transform():
+            frozen = detached(meta)
+            gradient = torch.func.grad(lambda phi: learner.query_loss(phi, frozen, query))(detached(fast))
+            return detached(gradient), learner.query_loss(detached(fast), meta, query)
+        leaves = {name: p.detach().requires_grad_() for name, p in fast.items()}
+        loss = learner.query_loss(leaves, meta, query)
+        grads = torch.autograd.grad(loss, list(leaves.values()), retain_graph=loss.grad_fn is not None)
+        return dict(zip(leaves, grads, strict=True)), loss

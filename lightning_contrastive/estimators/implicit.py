@@ -64,9 +64,7 @@ class Implicit(_InnerStepsEstimator):
 
             solved = conjugate_gradient(damped_hvp, [g.detach() for g in query_grad], self.cg_steps)
             surrogate = query_loss - sum((g * w).sum() for g, w in zip(inner_grad, solved, strict=True))
-        return TaskEstimate(
-            surrogate=surrogate, adapted=phase.params, inner_losses={"free": phase.loss}, faults={"free": ~phase.finite}
-        )
+        return TaskEstimate.from_phases(surrogate, phase.params, {"free": phase})
 
 
 def conjugate_gradient(matvec: Callable[[Vectors], Vectors], rhs: Sequence[Tensor], steps: int) -> Vectors:

@@ -40,11 +40,8 @@ class MAML(_InnerStepsEstimator):
             self.inner_optimizer,
             differentiable=True,
         )
-        return TaskEstimate(
-            surrogate=learner.query_loss(phase.params, meta, task.query),
-            adapted=detached(phase.params),
-            inner_losses={"free": phase.loss},
-            faults={"free": ~phase.finite},
+        return TaskEstimate.from_phases(
+            learner.query_loss(phase.params, meta, task.query), detached(phase.params), {"free": phase}
         )
 
 
@@ -62,9 +59,6 @@ class FirstOrderMAML(_InnerStepsEstimator):
         start = learner.init_fast(meta)
         # phi_T in value, phi_init in gradient: the straight-through identity Jacobian.
         straight_through = {name: p + (phase.params[name] - p).detach() for name, p in start.items()}
-        return TaskEstimate(
-            surrogate=learner.query_loss(straight_through, meta, task.query),
-            adapted=phase.params,
-            inner_losses={"free": phase.loss},
-            faults={"free": ~phase.finite},
+        return TaskEstimate.from_phases(
+            learner.query_loss(straight_through, meta, task.query), phase.params, {"free": phase}
         )

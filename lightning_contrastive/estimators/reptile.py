@@ -36,9 +36,4 @@ class Reptile(_InnerStepsEstimator):
             (meta[start] * (meta[start] - phase.params[fast]).detach()).sum()
             for fast, start in learner.initialisations().items()
         )
-        return TaskEstimate(
-            surrogate=surrogate,  # type: ignore[arg-type]
-            adapted=phase.params,
-            inner_losses={"free": phase.loss},
-            faults={"free": ~phase.finite},
-        )
+        return TaskEstimate.from_phases(surrogate, phase.params, {"free": phase})  # type: ignore[arg-type]

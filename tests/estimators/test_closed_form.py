@@ -104,16 +104,29 @@ def relative_error(estimate: Tensor, exact: Tensor) -> float:
 @pytest.mark.parametrize(
     "estimator",
     [
-        Contrastive(
-            beta=1e-3, symmetric=True, inner_steps=CONVERGED_STEPS, nudged_steps=CONVERGED_STEPS, inner_lr=INNER_LR
-        ),
-        Contrastive(
-            beta=1e-4, symmetric=False, inner_steps=CONVERGED_STEPS, nudged_steps=CONVERGED_STEPS, inner_lr=INNER_LR
+        *(
+            Contrastive(
+                beta=beta,
+                symmetric=symmetric,
+                nudge=nudge,
+                inner_steps=CONVERGED_STEPS,
+                nudged_steps=CONVERGED_STEPS,
+                inner_lr=INNER_LR,
+            )
+            for nudge in ("linear", "full")
+            for symmetric, beta in ((True, 1e-3), (False, 1e-4))
         ),
         Implicit(inner_steps=CONVERGED_STEPS, inner_lr=INNER_LR, cg_steps=2 * (FEATURES + 1)),
         MAML(inner_steps=CONVERGED_STEPS, inner_lr=INNER_LR),
     ],
-    ids=["contrastive-symmetric", "contrastive-one-sided", "implicit", "maml"],
+    ids=[
+        "contrastive-linear-symmetric",
+        "contrastive-linear-one-sided",
+        "contrastive-full-symmetric",
+        "contrastive-full-one-sided",
+        "implicit",
+        "maml",
+    ],
 )
 def test_converged_estimators_recover_the_exact_meta_gradient(estimator: Estimator) -> None:
     problem = regression()

@@ -85,14 +85,25 @@ def relative_error(estimate: Tensor, exact: Tensor) -> float:
 STEPS, LR = 400, 0.05
 CONTRASTIVE = Contrastive(beta=1e-3, symmetric=True, inner_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
 ONE_SIDED = Contrastive(beta=1e-4, symmetric=False, inner_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
+FULL_NUDGE = Contrastive(beta=1e-3, symmetric=True, nudge="full", inner_steps=STEPS, nudged_steps=STEPS, inner_lr=LR)
+FULL_ONE_SIDED = Contrastive(
+    beta=1e-4, symmetric=False, nudge="full", inner_steps=STEPS, nudged_steps=STEPS, inner_lr=LR
+)
 IMPLICIT = Implicit(inner_steps=STEPS, inner_lr=LR, cg_steps=2 * FEATURES * HIDDEN)
 MAML_UNROLLED = MAML(inner_steps=STEPS, inner_lr=LR)
 
 
 @pytest.mark.parametrize(
     "estimator",
-    [CONTRASTIVE, ONE_SIDED, IMPLICIT, MAML_UNROLLED],
-    ids=["contrastive-symmetric", "contrastive-one-sided", "implicit", "maml"],
+    [CONTRASTIVE, ONE_SIDED, FULL_NUDGE, FULL_ONE_SIDED, IMPLICIT, MAML_UNROLLED],
+    ids=[
+        "contrastive-linear-symmetric",
+        "contrastive-linear-one-sided",
+        "contrastive-full-symmetric",
+        "contrastive-full-one-sided",
+        "implicit",
+        "maml",
+    ],
 )
 def test_estimators_include_the_direct_dependence(estimator: Estimator) -> None:
     learner, batch = make_problem()
@@ -116,15 +127,16 @@ class WithoutDirectTerm(ScaledFeatures):
         return super().query_loss(fast, {**meta, "head": meta["head"].detach()}, query)
 
 
-def test_dropping_the_direct_term_would_be_detected() -> None:
+@pytest.mark.parametrize("estimator", [CONTRASTIVE, FULL_NUDGE], ids=["linear-nudge", "full-nudge"])
+def test_dropping_the_direct_term_would_be_detected(estimator: Contrastive) -> None:
     """The head's direct gradient is a large part of the total: without it the contrastive estimate is far off."""
     learner, batch = make_problem()
     exact = exact_meta_gradient(learner, batch)
-    estimate = meta_gradient(learner, CONTRASTIVE, batch)
+    estimate = meta_gradient(learner, estimator, batch)
     torch.testing.assert_close(estimate["head"], exact["head"], rtol=1e-3, atol=0)
 
     cut = WithoutDirectTerm()
     cut.load_state_dict(learner.state_dict())
-    without_direct = meta_gradient(cut, CONTRASTIVE, batch)
+    without_direct = meta_gradient(cut, estimator, batch)
     assert relative_error(without_direct["head"], exact["head"]) > 0.5
     assert relative_error(as_vector(without_direct), as_vector(exact)) > 0.1

@@ -93,7 +93,7 @@ def test_contrastive_gradient_is_the_difference_of_phase_gradients(symmetric: bo
     else:
         base = regulariser_gradient(learner, free.params)
         expected = {name: (plus[name] - base[name]) / BETA for name in plus}
-    estimator = Contrastive(BETA, symmetric, FREE_STEPS, NUDGED_STEPS, LR, MOMENTUM)
+    estimator = Contrastive(BETA, symmetric, FREE_STEPS, NUDGED_STEPS, "full", LR, MOMENTUM)
     assert_gradients_equal(compute_meta_gradient(learner, estimator, batch), expected)
 
 
@@ -110,7 +110,7 @@ def test_contrastive_nudged_lr_drives_the_nudged_phases() -> None:
     )
     plus, base = regulariser_gradient(learner, nudged.params), regulariser_gradient(learner, free.params)
     expected = {name: (plus[name] - base[name]) / BETA for name in plus}
-    estimator = Contrastive(BETA, False, FREE_STEPS, NUDGED_STEPS, LR, MOMENTUM, nudged_lr=0.02)
+    estimator = Contrastive(BETA, False, FREE_STEPS, NUDGED_STEPS, "full", LR, MOMENTUM, nudged_lr=0.02)
     assert_gradients_equal(compute_meta_gradient(learner, estimator, batch), expected)
 
 

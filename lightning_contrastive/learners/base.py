@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -29,27 +29,17 @@ class Learner(nn.Module, ABC):
     All of them take parameters as dicts of tensors and never read or write module state, so an
     estimator can evaluate them at detached, differentiable or nudged parameters alike.
 
-    Phases are deterministic: the network copies a learner runs (named in :attr:`functional_networks`) stay in
-    evaluation mode whatever mode the learner is put in, so Dropout and any other train-mode randomness of the
-    user's network are off in every inner phase, query evaluation and surrogate. Otherwise the free and nudged
-    phases of a task would see different networks, and the contrastive rule, which divides their difference by
-    beta, would amplify that noise by ``1/beta``. (BatchNorm is unaffected: see :func:`use_batch_statistics`.)
+    Phases are deterministic: :meth:`predict` runs the user's network in evaluation mode (:func:`evaluation_mode`)
+    whatever mode the learner is in, so Dropout and any other train-mode randomness are off in every inner phase,
+    query evaluation and surrogate. Otherwise the free and nudged phases of a task would see different networks,
+    and the contrastive rule, which divides their difference by beta, would amplify that noise by ``1/beta``.
+    (BatchNorm is unaffected: see :func:`use_batch_statistics`.)
     """
-
-    functional_networks: ClassVar[tuple[str, ...]] = ()
-    """Attribute names of the parameter-free network copies (:func:`functional_copy`) the learner runs."""
 
     def __init__(self, loss: LossName) -> None:
         super().__init__()
         self.loss_name = loss
         self._loss = get_loss(loss)
-
-    def train(self, mode: bool = True) -> Learner:
-        """Set the learner's mode; its :attr:`functional_networks` stay in evaluation mode (deterministic phases)."""
-        super().train(mode)
-        for name in self.functional_networks:
-            getattr(self, name).eval()
-        return self
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The meta-parameters ``theta``, by name: those the estimators differentiate."""
@@ -138,16 +128,32 @@ class Learner(nn.Module, ABC):
 def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:
     """A parameter-free deep copy of ``module`` for ``functional_call``, and its parameters.
 
-    The copy, in evaluation mode, keeps ``module``'s structure and buffers but no parameters (every call supplies
+    The copy keeps ``module``'s structure and buffers but no parameters (every call supplies
     them), so a learner holding it neither duplicates the weights nor exposes them to the outer
     optimizer; the user's module is never touched.
     """
-    structure = copy.deepcopy(module).eval()  # deterministic phases: see Learner
+    structure = copy.deepcopy(module)
     params = {name: p.detach().clone() for name, p in structure.named_parameters()}
     for submodule in structure.modules():
         for name in [n for n, p in submodule._parameters.items() if p is not None]:
             del submodule._parameters[name]  # absent parameters (a Linear's bias=None) stay None
     return structure, params
+
+
+@contextmanager
+def evaluation_mode(network: nn.Module) -> Iterator[None]:
+    """Run ``network`` in evaluation mode inside the block, then give each of its modules its mode back.
+
+    Switched per call rather than kept, so that the learner's modules report the mode Lightning gives them (it
+    warns about modules left in evaluation mode at the start of training). Costs one walk over the modules.
+    """
+    modes = [(module, module.training) for module in network.modules()]
+    network.train(False)
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def use_batch_statistics(module: nn.Module) -> tuple[str, ...]:

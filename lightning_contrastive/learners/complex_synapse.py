@@ -12,6 +12,7 @@ from torch.func import functional_call
 from lightning_contrastive.learners.base import (
     Learner,
     ParameterTree,
+    evaluation_mode,
     functional_copy,
     plain_network,
     use_batch_statistics,
@@ -48,8 +49,6 @@ class ComplexSynapse(Learner):
         learn_lambda: meta-learn per-synapse strengths; otherwise they stay at ``init_lambda``.
     """
 
-    functional_networks = ("backbone",)
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -77,12 +76,14 @@ class ComplexSynapse(Learner):
         return {name: meta[f"omega.{name}"] for name in self.fast_names}
 
     def predict(self, fast: Params, meta: Params, x: Tensor) -> Tensor:
-        """``f(x; phi)``: the backbone under the fast weights."""
-        return functional_call(self.backbone, fast, (x,))
+        """``f(x; phi)``: the backbone under the fast weights (in evaluation mode: deterministic phases)."""
+        with evaluation_mode(self.backbone):
+            return functional_call(self.backbone, fast, (x,))
 
     def as_module(self, fast: Params) -> nn.Module:
-        """A copy of the backbone carrying the task's fast weights (BatchNorm uses batch statistics)."""
-        network = copy.deepcopy(self.backbone)
+        """A copy of the backbone carrying the task's fast weights, in evaluation mode as in the phases (its
+        BatchNorm layers use batch statistics in either mode)."""
+        network = copy.deepcopy(self.backbone).eval()
         for name, weight in fast.items():
             *path, leaf = name.split(".")
             network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(weight.detach().clone()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch.func import functional_call
 from lightning_contrastive.learners.base import (
     Learner,
     ParameterTree,
+    evaluation_mode,
     functional_copy,
     plain_network,
     use_batch_statistics,
@@ -96,13 +98,13 @@ class DualSystem(Learner):
     outweigh ``beta`` times the query loss's curvature (on sinusoid regression with ``beta = 0.1``,
     ``pull = 0.1`` let the ``-beta`` phase diverge within 400 meta-steps; 0.5 and 1 did not).
 
-    How layers are found: the primary's modules are visited in ``named_modules()`` order, which must be
-    the order its forward pass applies them (true for ``nn.Sequential`` and for any module that
-    registers its layers in the order it uses them). ``Linear`` and ``Conv1d/2d/3d`` layers are weight
-    layers: the last one is the readout and every other one is modulated. A normalisation layer
-    (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm) moves the modulation of
-    the weight layer before it to its own output. Parameter-free layers (activations, pooling,
-    ``Flatten``, dropout) are passed through; any other layer with parameters raises ``ValueError``.
+    How layers are found: in the order the primary's forward pass calls them (:func:`call_order`: traced
+    with ``torch.fx``, or watched on ``example_input``), not the order they were registered in. ``Linear`` and
+    ``Conv1d/2d/3d`` layers are weight layers: the last one called is the readout and every other one is
+    modulated. A normalisation layer (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm)
+    moves the modulation of the weight layer called before it to its own output. Parameter-free layers and
+    functions (activations, pooling, ``Flatten``, dropout, ``F.relu``) are passed through; any other layer with
+    parameters, and a weight or normalisation layer called twice (a shared layer) or never, raise ``ValueError``.
     Normalisation written as a function inside a custom ``forward`` is invisible to this search.
 
     Implementation: a parameter-free copy of the primary is run with ``torch.func.functional_call``,
@@ -126,9 +128,9 @@ class DualSystem(Learner):
         modulator: ``"per_neuron"`` (a fast gain and shift per unit) or ``"network"`` (a fast task
             code mapped to every gain and shift by a learned linear modulator).
         code_size: length of the task code; required for ``modulator="network"``, not accepted otherwise.
+        example_input: a batch of inputs for the primary, needed only when its forward pass cannot be traced
+            without data (``torch.fx`` fails on control flow that depends on the input); its values do not matter.
     """
-
-    functional_networks = ("network",)
 
     def __init__(
         self,
@@ -137,6 +139,7 @@ class DualSystem(Learner):
         pull: float = 0.5,
         modulator: ModulatorKind = "per_neuron",
         code_size: int | None = None,
+        example_input: Tensor | None = None,
     ) -> None:
         super().__init__(loss)
         if isinstance(pull, bool) or not pull >= 0:
@@ -147,7 +150,7 @@ class DualSystem(Learner):
         self.pull = float(pull)
         self.modulator_kind = modulator
         self.code_size = code_size
-        self.modulated, self.readout_layer = find_layers(primary)
+        self.modulated, self.readout_layer = find_layers(primary, example_input)
         self.network, weights = functional_copy(primary)
         self.running_statistics = use_batch_statistics(self.network)
         readout_prefix = f"{self.readout_layer}."
@@ -188,7 +191,7 @@ class DualSystem(Learner):
 
     def predict(self, fast: Params, meta: Params, x: Tensor) -> Tensor:
         """The primary network under slow weights ``primary.*``, modulated by ``fast``, with the fast readout."""
-        with self._modulated(self.modulations(fast, meta)):
+        with self._modulated(self.modulations(fast, meta)), evaluation_mode(self.network):
             return functional_call(self.network, self._network_weights(fast, meta), (x,))
 
     def meta_learned_network(self) -> nn.Module:
@@ -275,35 +278,58 @@ class DualSystem(Learner):
                 handle.remove()
 
 
-def find_layers(primary: nn.Module) -> tuple[tuple[ModulatedLayer, ...], str]:
-    """The primary network's modulated layers and the name of its readout (its last weight layer).
+def find_layers(primary: nn.Module, example_input: Tensor | None = None) -> tuple[tuple[ModulatedLayer, ...], str]:
+    """The primary network's modulated layers and the name of its readout, in the order its forward pass calls them.
+
+    The order comes from :func:`call_order`, never from the order the layers were registered in: a network that
+    registers its head before its body still gets its readout on the head.
 
     Raises:
         ValueError: naming the layer, for a layer with parameters that is neither a weight layer nor a
-            normalisation layer, for uninitialised (lazy) parameters, or when there is no hidden
-            weight layer before the readout.
+            normalisation layer, for uninitialised (lazy) parameters, for a weight or normalisation layer the
+            forward pass calls more than once or never, when there is no hidden weight layer before the readout,
+            and when the forward pass cannot be traced (see :func:`call_order`).
     """
     supported = (
-        f"supported are {', '.join(t.__name__ for t in WEIGHT_LAYERS)} (modulated; the last one is the readout), "
-        "normalisation layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm; the "
-        "modulation goes after them) and layers without parameters"
+        f"supported are {', '.join(t.__name__ for t in WEIGHT_LAYERS)} (modulated; the last one called is the "
+        "readout), normalisation layers (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm; "
+        "the modulation goes after them) and layers without parameters"
     )
-    layers: list[tuple[str, nn.Module]] = []
-    sites: dict[str, str] = {}
     for name, module in primary.named_modules():
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
             raise ValueError(
                 f"DualSystem: layer {_describe(name, module)} has uninitialised (lazy) parameters; run one forward "
                 "pass through the primary network before wrapping it."
             )
+        if (
+            not isinstance(module, WEIGHT_LAYERS + NORM_LAYERS)
+            and next(module.parameters(recurse=False), None) is not None
+        ):
+            raise ValueError(f"DualSystem cannot modulate layer {_describe(name, module)}: {supported}.")
+    calls = call_order(primary, example_input)
+    for name, module in primary.named_modules():
+        if isinstance(module, WEIGHT_LAYERS + NORM_LAYERS) and calls.count(name) != 1:
+            if calls.count(name) > 1:
+                raise ValueError(
+                    f"DualSystem: the forward pass calls layer {_describe(name, module)} {calls.count(name)} times; "
+                    "its gains and shifts (or the fast readout) would then act on several layers of units at "
+                    "once. Give each use a layer of its own (e.g. copy.deepcopy(layer))."
+                )
+            if next(module.parameters(recurse=False), None) is not None:
+                raise ValueError(
+                    f"DualSystem: the forward pass never calls layer {_describe(name, module)}, so where its "
+                    "weights act cannot be told (a forward that reads them directly, as F.linear(x, layer.weight), "
+                    "looks the same). Call the layer as a module, or remove it from the primary network."
+                )
+    layers: list[tuple[str, nn.Module]] = []
+    sites: dict[str, str] = {}
+    for name in calls:
+        module = primary.get_submodule(name)
         if isinstance(module, WEIGHT_LAYERS):
             layers.append((name, module))
             sites[name] = name
-        elif isinstance(module, NORM_LAYERS):
-            if layers:
-                sites[layers[-1][0]] = name
-        elif next(module.parameters(recurse=False), None) is not None:
-            raise ValueError(f"DualSystem cannot modulate layer {_describe(name, module)}: {supported}.")
+        elif layers:  # a normalisation layer: the last weight layer's modulation moves after it
+            sites[layers[-1][0]] = name
     if len(layers) < 2:
         found = f"only the readout {_describe(*layers[0])}" if layers else "no weight layer"
         raise ValueError(
@@ -321,6 +347,57 @@ def find_layers(primary: nn.Module) -> tuple[tuple[ModulatedLayer, ...], str]:
         for name, module in hidden
     )
     return modulated, readout
+
+
+def call_order(primary: nn.Module, example_input: Tensor | None = None) -> list[str]:
+    """The names of the primary's weight and normalisation layers in the order its forward pass calls them,
+    once per call.
+
+    With ``example_input``, one forward pass on it is watched with hooks (on a copy, in evaluation mode and
+    without gradients, so the user's module and its running statistics are untouched): what the forward pass
+    does on real data, whatever its code looks like. Without, the forward pass is traced symbolically with
+    ``torch.fx`` (no data needed, so configs need not supply an input), which fails on control flow that depends
+    on the input's values or shape; that failure raises ``ValueError`` asking for ``example_input``. The layer
+    structure must be known when the learner is built, since it decides the meta-parameters' names and shapes,
+    which the outer optimizer needs before any data is seen.
+    """
+    layers = (*WEIGHT_LAYERS, *NORM_LAYERS)
+    if example_input is not None:
+        watched = copy.deepcopy(primary).eval()
+        names = {module: name for name, module in watched.named_modules()}
+        calls: list[str] = []
+        handles = [
+            module.register_forward_hook(lambda module, inputs, output: calls.append(names[module]))
+            for module in names
+            if isinstance(module, layers)
+        ]
+        try:
+            with torch.no_grad():
+                watched(example_input)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return calls
+
+    if isinstance(primary, layers):  # fx traces into the root module, so a bare layer never shows as a call
+        return [""]
+
+    class LayerTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return isinstance(module, layers) or super().is_leaf_module(module, qualified_name)
+
+    try:
+        graph = LayerTracer().trace(primary)
+    except Exception as error:  # torch.fx raises several types (TraceError, TypeError, ...) for untraceable code
+        raise ValueError(
+            f"DualSystem could not trace the primary network's forward pass without data ({type(error).__name__}: "
+            f"{error}); pass example_input=<a batch of inputs> so that it can watch one forward pass instead."
+        ) from error
+    return [
+        str(node.target)
+        for node in graph.nodes
+        if node.op == "call_module" and isinstance(primary.get_submodule(str(node.target)), layers)
+    ]
 
 
 def _gain_and_shift(gain: Tensor, shift: Tensor) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:

@@ -132,6 +132,90 @@ def test_network_modulator_names_its_code_and_map() -> None:
     assert torch.equal(meta["init.code"], torch.zeros(3))
 
 
+class HeadFirst(nn.Module):
+    """Registers its head before its body, and calls the body first, with a functional ReLU in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(5, 2)
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+        self.middle = nn.Linear(4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.middle(F.relu(self.body(x)))))
+
+
+class InputDependent(HeadFirst):
+    """The same layers, with control flow on the input's values, which torch.fx cannot trace."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if bool(x.sum() < 1e9) else x
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["traced", "watched"])
+def test_layer_order_is_the_forward_passs_not_the_registration_order(example: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    primary, x = HeadFirst(), torch.randn(6, 3, generator=generator)
+    learner = DualSystem(primary, loss="mse", example_input=x if example else None)
+    assert learner.modulated == (ModulatedLayer("body.0", "body.1", 4, 0), ModulatedLayer("middle", "middle", 5, 0))
+    assert learner.readout_layer == "head"
+    meta = learner.meta_parameters()
+    fast = randomised(learner.init_fast(meta), generator)
+    # The forward pass written out: gain and shift after the LayerNorm and after `middle`, the fast readout last.
+    hidden = F.layer_norm(x @ primary.body[0].weight.T + primary.body[0].bias, (4,))
+    hidden = F.relu(
+        fast["gain.body.0"] * (hidden * primary.body[1].weight + primary.body[1].bias) + fast["shift.body.0"]
+    )
+    hidden = torch.tanh(
+        fast["gain.middle"] * (hidden @ primary.middle.weight.T + primary.middle.bias) + fast["shift.middle"]
+    )
+    expected = hidden @ fast["readout.weight"].T + fast["readout.bias"]
+    torch.testing.assert_close(learner.predict(fast, meta, x), expected)
+
+
+def test_an_untraceable_forward_asks_for_an_example_input_and_works_with_one() -> None:
+    with pytest.raises(ValueError, match=r"could not trace.*pass example_input"):
+        DualSystem(InputDependent())
+    primary = InputDependent()
+    primary.body.append(nn.BatchNorm1d(4))
+    state = module_state(primary)
+    learner = DualSystem(primary, example_input=torch.randn(6, 3))
+    assert learner.readout_layer == "head" and learner.modulated[0].site == "body.2"
+    assert_unchanged(primary, state, training=True)  # the watched pass ran on a copy: running statistics intact
+
+
+class Reused(nn.Module):
+    def __init__(self, reuse_weight_layer: bool) -> None:
+        super().__init__()
+        self.reuse_weight_layer = reuse_weight_layer
+        self.first, self.second, self.readout, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1), nn.Tanh()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.first(x))
+        x = self.act(self.first(x) if self.reuse_weight_layer else self.second(x))
+        return self.readout(x)
+
+
+def test_a_reused_activation_is_fine_but_a_reused_weight_layer_is_refused() -> None:
+    learner = DualSystem(Reused(reuse_weight_layer=False), loss="mse")
+    assert [block.layer for block in learner.modulated] == ["first", "second"]
+    with pytest.raises(ValueError, match=r"calls layer 'first' \(Linear\) 2 times.*layer of its own"):
+        DualSystem(Reused(reuse_weight_layer=True), loss="mse")
+
+
+def test_a_layer_whose_weights_are_read_directly_is_refused() -> None:
+    class ReadsWeights(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden, self.readout = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.readout(F.linear(x, self.hidden.weight, self.hidden.bias).relu())
+
+    with pytest.raises(ValueError, match=r"never calls layer 'hidden' \(Linear\).*F.linear"):
+        DualSystem(ReadsWeights(), loss="mse")
+
+
 # --- the modulated forward pass -----------------------------------------------------------------
 
 

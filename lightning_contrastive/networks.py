@@ -46,7 +46,9 @@ class Conv4(nn.Module):
 
     Each block is conv 3x3 (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool, so a square image of side
     ``s`` leaves the fourth block at side ``s // 16`` (28 -> 1 on Omniglot, 84 -> 5 on miniImageNet);
-    a linear head maps the flattened features to ``ways`` logits.
+    a linear head maps the flattened features to ``ways`` logits. The convolutions have no bias: the
+    BatchNorm after each one subtracts the per-channel mean, which cancels a bias exactly, so it would be a
+    meta-parameter that never gets a gradient (the BatchNorm's own shift plays its part).
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for miniImageNet).
@@ -65,7 +67,7 @@ class Conv4(nn.Module):
         blocks: list[nn.Module] = []
         for block_in in (in_channels, channels, channels, channels):
             blocks += [
-                nn.Conv2d(block_in, channels, kernel_size=3, padding=1),
+                nn.Conv2d(block_in, channels, kernel_size=3, padding=1, bias=False),
                 nn.BatchNorm2d(channels),
                 nn.ReLU(),
                 nn.MaxPool2d(2),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lightning_contrastive import ComplexSynapse, Contrastive, MetaLearningModule
 from lightning_contrastive.networks import MLP, Conv4
 
 
@@ -41,3 +43,27 @@ def test_bad_sizes_raise_value_error() -> None:
         Conv4(image_size=12)
     with pytest.raises(ValueError, match="integers >= 1"):
         MLP(hidden=(40, 0))
+
+
+def test_conv4_has_no_convolution_bias_for_batch_norm_to_cancel() -> None:
+    network = Conv4(channels=8)
+    assert all(m.bias is None for m in network.modules() if isinstance(m, nn.Conv2d))
+    conv_weights = 1 * 8 * 9 + 3 * 8 * 8 * 9
+    assert sum(p.numel() for p in network.parameters()) == conv_weights + 4 * 2 * 8 + 8 * 5 + 5
+
+
+def test_a_checkpoint_with_the_old_convolution_biases_is_refused_naming_them(tmp_path) -> None:
+    old = Conv4(channels=4)
+    convolutions = [name for name, m in old.named_modules() if isinstance(m, nn.Conv2d)]
+    for name in convolutions:  # the layout before the biases were removed
+        old.get_submodule(name).bias = nn.Parameter(torch.zeros(4))
+    saved = MetaLearningModule(ComplexSynapse(old), Contrastive())
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": saved.state_dict(), "pytorch-lightning_version": pl.__version__}, path)
+    with pytest.raises(ValueError, match="does not fit") as error:
+        MetaLearningModule.load_from_checkpoint(
+            path, learner=ComplexSynapse(Conv4(channels=4)), estimator=Contrastive()
+        )
+    for name in convolutions:
+        for kind in ("omega", "lambda"):
+            assert f"learner.{kind}.{name}.bias: in the checkpoint, not in this module" in str(error.value)

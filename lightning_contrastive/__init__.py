@@ -1,11 +1,15 @@
-"""Contrastive meta-learning (Zucchet et al., NeurIPS 2022) and its reference estimators, for PyTorch Lightning."""
+"""Contrastive meta-learning (Zucchet et al., NeurIPS 2022) and its reference estimators, for PyTorch Lightning.
+
+The learners, estimators and meta-gradients import no Lightning package. ``MetaLearningModule`` (and
+``.callbacks``, ``.data``, ``.loggers``, ``.cli``) here are built on ``pytorch_lightning``; the same classes built on
+the unified ``lightning`` package are in :mod:`lightning_contrastive.lightning`.
+"""
 
 from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
 from lightning_contrastive.faults import InnerFault, InnerLoopError
 from lightning_contrastive.inner import InnerSGD
 from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.meta_gradient import MetaEstimate, estimate, meta_gradient
-from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.tasks import Split, Task, split_batch
 
 __all__ = [
@@ -30,3 +34,20 @@ __all__ = [
     "split_batch",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``MetaLearningModule``, imported on first use, so that the Lightning-free core imports no Lightning package."""
+    if name != "MetaLearningModule":
+        raise AttributeError(f"module 'lightning_contrastive' has no attribute {name!r}")
+    try:
+        from lightning_contrastive.module import MetaLearningModule
+    except ModuleNotFoundError as missing:
+        if missing.name != "pytorch_lightning":
+            raise
+        raise ImportError(
+            "lightning_contrastive.MetaLearningModule is built on pytorch_lightning, which is not installed. With the "
+            "unified package (`import lightning as L`) use `from lightning_contrastive.lightning import "
+            "MetaLearningModule`; or `pip install pytorch-lightning`."
+        ) from missing
+    return MetaLearningModule

@@ -21,6 +21,7 @@ import inspect
 import re
 import sys
 import typing
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytorch_lightning as pl
@@ -105,8 +106,10 @@ class MetaLearningCLI(LightningCLI):
     Differences from the stock ``LightningCLI``: the outer optimizer and scheduler are configured only
     through the module's own ``model.optimizer`` and ``model.lr_scheduler`` (``auto_configure_optimizers``
     is off, so that there is one place to set them), a rerun in the same directory overwrites the
-    saved ``config.yaml`` instead of aborting, and the whole resolved configuration reaches every logger
-    (:class:`LoggerSaveConfigCallback`), not only the module's hyperparameters.
+    saved ``config.yaml`` instead of aborting, the whole resolved configuration reaches every logger
+    (:class:`LoggerSaveConfigCallback`), not only the module's hyperparameters, and ``validate``, ``test`` and
+    ``predict`` refuse a ``--ckpt_path`` that names no checkpoint (:meth:`check_checkpoint`) instead of warning and
+    evaluating the untrained module.
 
     Args:
         args: command-line style arguments (a list, dict or Namespace); ``None`` reads ``sys.argv``.
@@ -120,6 +123,36 @@ class MetaLearningCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", MetaLearningArgumentParser)
         super().__init__(MetaLearningModule, args=args, run=run, **kwargs)
+
+    def check_checkpoint(self) -> None:
+        """Stop (exit 2, one message) when the subcommand's ``--ckpt_path`` names no checkpoint.
+
+        Lightning only warns when ``ckpt_path="last"`` finds nothing, and then evaluates the module as built, which
+        prints figures that look like results; and its error for ``"best"`` in a new process (where no fit has
+        ranked checkpoints) says ``ModelCheckpoint`` is misconfigured. ``last`` is looked up where the configured
+        ``ModelCheckpoint``\\ s save it (the shipped configs fix that folder); a path must exist.
+        """
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None or ckpt_path in ("hpc", "registry") or ":" in str(ckpt_path).split("/")[0]:
+            return
+        folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if ckpt_path == "last":
+            if not [path for folder in folders for path in folder.glob("last*.ckpt")]:
+                where = ", ".join(str(folder) for folder in folders) or "no folder: no ModelCheckpoint sets dirpath"
+                self.parser.error(
+                    f"--ckpt_path last: no last checkpoint found ({where}). Run `fit` with this config first (its "
+                    "ModelCheckpoint(save_last=True) writes last.ckpt there), or give the checkpoint's path."
+                )
+        elif ckpt_path == "best":
+            self.parser.error(
+                "--ckpt_path best refers to the best checkpoint of a `fit` in the same process, and this process "
+                "ran none. Give the checkpoint's path (a ModelCheckpoint with a monitor saves it in its dirpath), or "
+                "`last`."
+            )
+        elif not Path(ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path {ckpt_path}: no such file.")
+
+    before_validate = before_test = before_predict = check_checkpoint
 
 
 def main(args: ArgsType = None) -> None:

@@ -1,15 +1,27 @@
-"""Few-shot evaluation protocol: the mean of a per-episode metric and its 95% confidence interval."""
+"""Few-shot evaluation: adapting to each episode's support set, scoring its query set, and the protocol's summary.
+
+Lightning-free (``rank_zero_only`` is ``lightning_utilities``'s, the object both Lightning packages set the rank
+on), so one copy serves the module of either Lightning package.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_only
+from lightning_utilities import apply_to_collection
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
+
+from lightning_contrastive.estimators.base import Estimator
+from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.meta_gradient import cast_task, compute_dtype, ieee_float32
+from lightning_contrastive.tasks import Params, Task, split_batch
 
 Z_95 = 1.959963984540054
 """The two-sided 95% quantile of the standard normal distribution."""
@@ -109,3 +121,61 @@ def gather_episodes(values: Tensor, gather: Callable[[Tensor], Tensor]) -> Tenso
     padded[: values.numel()] = values
     rows = gather(padded).reshape(len(counts), -1)
     return torch.cat([row[:count] for row, count in zip(rows, counts.tolist(), strict=True)])
+
+
+# ---------------------------------------------------------------- adapting and scoring episodes
+@contextmanager
+def autograd_enabled(device_type: str) -> Iterator[None]:
+    """Autograd on (even inside ``no_grad`` or ``inference_mode``) and autocast off, for inner-loop adaptation."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        yield
+
+
+def plain_tensors(batch: Any) -> Any:
+    """Copies of ``batch``'s tensors usable by autograd: tensors created under ``inference_mode`` are not.
+
+    Call inside :func:`autograd_enabled`.
+    """
+    return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
+
+
+def frozen_meta(learner: Learner) -> Params:
+    """The learner's meta-parameters, detached and in the estimators' compute dtype."""
+    dtype = compute_dtype(learner)
+    return {name: p.detach().to(dtype) for name, p in learner.named_meta_parameters()}
+
+
+def adapt_tasks(learner: Learner, estimator: Estimator, batch: Any) -> tuple[list[Task], list[Params]]:
+    """Every task of ``batch`` (split, cast, its targets checked: ``ValueError``) and its fast parameters after
+    ``estimator.adapt`` on its support set.
+
+    Runs with autograd re-enabled on copies of the batch's tensors, so it works under ``no_grad`` and
+    ``inference_mode`` alike, and with IEEE float32 convolutions, as the training estimate does.
+    """
+    meta = frozen_meta(learner)
+    dtype = next(iter(meta.values())).dtype
+    with autograd_enabled(next(iter(meta.values())).device.type), ieee_float32():
+        tasks = [cast_task(task, dtype) for task in split_batch(plain_tensors(batch))]
+        for task in tasks:
+            learner.check_task(task, meta)
+        return tasks, [estimator.adapt(learner, meta, task.support).params for task in tasks]
+
+
+def query_metrics(learner: Learner, tasks: list[Task], adapted: list[Params]) -> dict[str, Tensor]:
+    """Per-episode query loss, and accuracy for a classification learner, at each task's adapted fast parameters.
+
+    One value per task in each tensor: ``{"query_loss": (tasks,), "accuracy": (tasks,)}``.
+    """
+    meta = frozen_meta(learner)
+    classification = learner.loss_name == "cross_entropy"
+    losses, accuracies = [], []
+    with torch.no_grad(), torch.autocast(next(iter(meta.values())).device.type, enabled=False):
+        for task, fast in zip(tasks, adapted, strict=True):
+            losses.append(learner.query_loss(fast, meta, task.query))
+            if classification:
+                prediction = learner.predict(fast, meta, task.query.x)
+                accuracies.append((prediction.argmax(-1) == task.query.y).float().mean())
+    metrics = {"query_loss": torch.stack(losses)}
+    if classification:
+        metrics["accuracy"] = torch.stack(accuracies)
+    return metrics

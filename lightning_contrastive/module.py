@@ -6,12 +6,12 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from lightning_utilities import apply_to_collection
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from pytorch_lightning.core.optimizer import LightningOptimizer
@@ -22,13 +22,22 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from lightning_contrastive.checkpoints import check_checkpoint_fits
 from lightning_contrastive.estimators.base import Estimator
-from lightning_contrastive.evaluation import EpisodeMetrics, print_results
+from lightning_contrastive.evaluation import (
+    EpisodeMetrics,
+    adapt_tasks,
+    autograd_enabled,
+    frozen_meta,
+    plain_tensors,
+    print_results,
+    query_metrics,
+)
 from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import FaultPolicy, cast_task, compute_dtype, estimate, ieee_float32
+from lightning_contrastive.meta_gradient import FaultPolicy, cast_task, compute_dtype, estimate
 from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
-from lightning_contrastive.tasks import Params, Task, split_batch
+from lightning_contrastive.tasks import split_batch
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +143,8 @@ class MetaLearningModule(pl.LightningModule):
         Needs no Trainer and changes no state (no ``.grad`` is written). The update Lightning applies
         after one training step with SGD and no clipping is ``-lr`` times this.
         """
-        with _autograd_enabled(self.device.type):
-            return estimated_meta_gradient(self.learner, self.estimator, _plain_tensors(batch))
+        with autograd_enabled(self.device.type):
+            return estimated_meta_gradient(self.learner, self.estimator, plain_tensors(batch))
 
     def adapt(self, x_support: Tensor, y_support: Tensor) -> nn.Module:
         """Adapt to one task's support set; returns a plain ``nn.Module`` carrying the task's adapted weights.
@@ -151,8 +160,47 @@ class MetaLearningModule(pl.LightningModule):
                 f"x {tuple(x_support.shape)} and y {tuple(y_support.shape)}."
             )
         support = (x_support.unsqueeze(0), y_support.unsqueeze(0))
-        _, (fast,) = self._adapt_each({"train": support, "test": support})  # the query set is not used
+        _, (fast,) = adapt_tasks(self.learner, self.estimator, {"train": support, "test": support})  # query unused
         return self.learner.as_module(fast)
+
+    def forward(self, x_support: Tensor, y_support: Tensor, x_query: Tensor) -> Tensor:
+        """Adapt to one task's support set and predict its query inputs: ``module(x_s, y_s, x_q)``.
+
+        A meta-learner has no prediction without a task, so ``module(x)`` alone is a ``TypeError``; the network
+        every task starts from is :meth:`meta_learned_network`, and a task's adapted network :meth:`adapt`.
+        Shapes as in :meth:`adapt`; returns ``(query examples, outputs)``.
+        """
+        return self.adapt(x_support, y_support)(x_query)
+
+    def meta_learned_network(self) -> nn.Module:
+        """What was meta-learned, as a plain copy of the user's network class (``learner.meta_learned_network()``).
+
+        For :class:`~lightning_contrastive.ComplexSynapse` the backbone at ``omega``; for
+        :class:`~lightning_contrastive.DualSystem` the primary network with its starting modulation and readout
+        folded in. Its ``state_dict()`` loads into a fresh instance of that class: no library needed to use it.
+        """
+        return self.learner.meta_learned_network()
+
+    def export(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write what was learned as plain PyTorch files into ``directory`` (created if needed); returns their paths.
+
+        - ``network.pt``: ``meta_learned_network().state_dict()``, to load into a fresh instance of the user's
+          network class (``net.load_state_dict(torch.load(path, weights_only=True))``);
+        - ``meta_parameters.pt``: every meta-parameter by name, ``{name: tensor}`` as in
+          ``learner.named_meta_parameters()`` (e.g. ``omega.*`` and ``lambda.*`` log-strengths, or ``primary.*``,
+          ``init.*``), for what the network cannot hold.
+
+        Both are plain ``dict[str, Tensor]`` on the CPU, loadable with ``torch.load(..., weights_only=True)``
+        without this library. A task's adapted network is :meth:`adapt` (save its ``state_dict()`` likewise).
+        """
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"network": folder / "network.pt", "meta_parameters": folder / "meta_parameters.pt"}
+        network = {name: t.detach().cpu() for name, t in self.meta_learned_network().state_dict().items()}
+        torch.save(network, paths["network"])
+        meta = {name: p.detach().cpu().clone() for name, p in self.learner.named_meta_parameters()}
+        torch.save(meta, paths["meta_parameters"])
+        return paths
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
@@ -168,9 +216,9 @@ class MetaLearningModule(pl.LightningModule):
             self._count_skipped(result.skipped)
         if not result.tasks:
             return result.surrogate if self.trainer.world_size > 1 else None
-        every_task = self._tasks(batch)
-        tasks = [every_task[i] for i in result.kept]
-        per_episode = self._query_metrics(tasks, [task.adapted for task in result.tasks])
+        dtype, kept = compute_dtype(self.learner), set(result.kept)
+        tasks = [cast_task(task, dtype) for i, task in enumerate(split_batch(batch)) if i in kept]
+        per_episode = query_metrics(self.learner, tasks, [task.adapted for task in result.tasks])
         inner_losses = {
             f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
             for phase in result.tasks[0].inner_losses
@@ -219,26 +267,7 @@ class MetaLearningModule(pl.LightningModule):
         state would be restored into the wrong parameters or the wrong algorithm. The estimator and schedules may
         change (e.g. more inner steps at test time). Also restores the count of skipped tasks.
         """
-        saved, current = checkpoint.get("state_dict", {}), self.state_dict()
-        problems = [f"{key}: missing from the checkpoint" for key in sorted(current.keys() - saved.keys())]
-        problems += [f"{key}: in the checkpoint, not in this module" for key in sorted(saved.keys() - current.keys())]
-        problems += [
-            f"{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(current[key].shape)} here"
-            for key in sorted(saved.keys() & current.keys())
-            if saved[key].shape != current[key].shape
-        ]
-        saved_config = checkpoint.get("hyper_parameters", {})
-        for section in ("learner", "optimizer"):
-            if section in saved_config and section in self.hparams:
-                problems += [
-                    f"model.{key}: {then!r} in the checkpoint, {now!r} here"
-                    for key, then, now in _config_differences(saved_config[section], self.hparams[section], section)
-                ]
-        if problems:
-            raise ValueError(
-                "The checkpoint does not fit this module's configuration:\n  " + "\n  ".join(problems) + "\n"
-                "Resume or evaluate with the configuration it was saved with (the config.yaml next to the logs)."
-            )
+        check_checkpoint_fits(checkpoint, self.state_dict(), self.hparams)
         self.skipped_tasks_total = checkpoint.get("skipped_tasks_total", 0)
 
     def optimizer_step(
@@ -269,7 +298,7 @@ class MetaLearningModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Adapt to each task's support set and record its query loss (and accuracy) per episode."""
-        self.val_episodes.update(**self._evaluate(batch))
+        self.val_episodes.update(**query_metrics(self.learner, *adapt_tasks(self.learner, self.estimator, batch)))
 
     def on_validation_epoch_end(self) -> None:
         self._log_summary("val", self.val_episodes)
@@ -279,7 +308,7 @@ class MetaLearningModule(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """As :meth:`validation_step`, for the test episodes."""
-        self.test_episodes.update(**self._evaluate(batch))
+        self.test_episodes.update(**query_metrics(self.learner, *adapt_tasks(self.learner, self.estimator, batch)))
 
     def on_test_epoch_end(self) -> None:
         self._log_summary("test", self.test_episodes)
@@ -289,62 +318,14 @@ class MetaLearningModule(pl.LightningModule):
 
         The query targets are not used (any placeholder of the right shape will do).
         """
-        tasks, adapted = self._adapt_each(batch)
-        meta = self._frozen_meta()
+        tasks, adapted = adapt_tasks(self.learner, self.estimator, batch)
+        meta = frozen_meta(self.learner)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             return torch.stack(
                 [self.learner.predict(fast, meta, task.query.x) for task, fast in zip(tasks, adapted, strict=True)]
             )
 
     # ---------------------------------------------------------------- helpers
-    def _frozen_meta(self) -> Params:
-        """The meta-parameters, detached and in the estimators' compute dtype."""
-        dtype = compute_dtype(self.learner)
-        return {name: p.detach().to(dtype) for name, p in self.learner.named_meta_parameters()}
-
-    def _tasks(self, batch: Mapping[str, Any]) -> list[Task]:
-        """``batch`` split into tasks (``ValueError`` if malformed), cast to the estimators' compute dtype."""
-        dtype = compute_dtype(self.learner)
-        return [cast_task(task, dtype) for task in split_batch(batch)]
-
-    def _checked_tasks(self, batch: Mapping[str, Any]) -> list[Task]:
-        """:meth:`_tasks`, with every task's targets checked against the learner's loss (``ValueError``)."""
-        tasks = self._tasks(batch)
-        meta = self._frozen_meta()
-        for task in tasks:
-            self.learner.check_task(task, meta)
-        return tasks
-
-    def _query_metrics(self, tasks: list[Task], adapted: list[Params]) -> dict[str, Tensor]:
-        """Per-episode query loss (and accuracy for classification) at each task's adapted fast parameters."""
-        meta = self._frozen_meta()
-        losses, accuracies = [], []
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            for task, fast in zip(tasks, adapted, strict=True):
-                losses.append(self.learner.query_loss(fast, meta, task.query))
-                if self.classification:
-                    prediction = self.learner.predict(fast, meta, task.query.x)
-                    accuracies.append((prediction.argmax(-1) == task.query.y).float().mean())
-        metrics = {"query_loss": torch.stack(losses)}
-        if self.classification:
-            metrics["accuracy"] = torch.stack(accuracies)
-        return metrics
-
-    def _adapt_each(self, batch: Mapping[str, Any]) -> tuple[list[Task], list[Params]]:
-        """Every task of ``batch`` (checked and cast) and its fast parameters after ``estimator.adapt``.
-
-        Runs with autograd re-enabled on copies of the batch's tensors, so it works under ``no_grad`` and
-        ``inference_mode`` alike.
-        """
-        with _autograd_enabled(self.device.type), ieee_float32():
-            tasks = self._checked_tasks(_plain_tensors(batch))
-            meta = self._frozen_meta()
-            return tasks, [self.estimator.adapt(self.learner, meta, task.support).params for task in tasks]
-
-    def _evaluate(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Adapt to every task of ``batch`` and return its per-episode query metrics."""
-        return self._query_metrics(*self._adapt_each(batch))
-
     def _log_summary(self, stage: Literal["val", "test"], episodes: EpisodeMetrics) -> None:
         """Log mean and 95% CI of every per-episode metric, over all ranks' episodes.
 
@@ -360,6 +341,7 @@ class MetaLearningModule(pl.LightningModule):
         if self.trainer.state.fn == evaluation_run and loop.verbose:
             title = "Meta-validation" if stage == "val" else "Meta-test"
             print_results(f"{title} results, mean and 95% CI over the episodes:", summaries)
+            loop.verbose = False  # Lightning's own table (no CI, no episodes) would follow; every run resets it
 
 
 def _built_by_lightning_cli() -> bool:
@@ -368,21 +350,6 @@ def _built_by_lightning_cli() -> bool:
     Lightning exposes this only through a context variable, read here rather than guessed from the arguments.
     """
     return _given_hyperparameters.get() is not None
-
-
-@contextmanager
-def _autograd_enabled(device_type: str) -> Iterator[None]:
-    """Autograd on (even inside ``no_grad`` or ``inference_mode``) and autocast off, for inner-loop adaptation."""
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
-        yield
-
-
-def _plain_tensors(batch: Any) -> Any:
-    """Copies of ``batch``'s tensors usable by autograd: tensors created under ``inference_mode`` are not.
-
-    Call inside :func:`_autograd_enabled`.
-    """
-    return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
 
 
 @contextmanager
@@ -398,14 +365,3 @@ def _seeded_by_position(epoch: int, batch_idx: int, rank: int, device: torch.dev
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
         torch.manual_seed(seed)
         yield
-
-
-def _config_differences(saved: Any, current: Any, prefix: str) -> list[tuple[str, Any, Any]]:
-    """``(dotted key, saved value, current value)`` for every leaf where two parsed configurations differ."""
-    if isinstance(saved, Mapping) and isinstance(current, Mapping):
-        return [
-            difference
-            for key in sorted(saved.keys() | current.keys(), key=str)
-            for difference in _config_differences(saved.get(key), current.get(key), f"{prefix}.{key}")
-        ]
-    return [] if saved == current else [(prefix, saved, current)]

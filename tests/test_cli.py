@@ -23,9 +23,13 @@ SHIPPED_CONFIGS = ["contrastive", "contrastive_one_sided", "maml", "fomaml", "im
 
 
 @pytest.fixture(autouse=True)
-def bare_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI gets its arguments through ``args`` only, as from a shell; pytest's own flags are not for it."""
+def bare_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI gets its arguments through ``args`` only, as from a shell; pytest's own flags are not for it.
+
+    Runs in ``tmp_path``, where the configs' fixed checkpoint folders (``checkpoints/...``) then land.
+    """
     monkeypatch.setattr(sys, "argv", ["lightning-contrastive"])
+    monkeypatch.chdir(tmp_path)
 
 
 def tiny_run(tmp_path: Path, config: str = "contrastive", max_steps: int = 2) -> list[str]:
@@ -69,7 +73,7 @@ def test_every_shipped_config_fits_and_logs(config: str, tmp_path: Path) -> None
         assert len(logged[name]) >= 1 and all(torch.isfinite(torch.tensor(logged[name]))), name
     assert logged["step"][-1] >= 1  # both meta-steps ran
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
-    assert len(list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))) == 1
+    assert [path.name for path in (tmp_path / "checkpoints" / f"sinusoid_{config}").iterdir()] == ["last.ckpt"]
 
 
 def test_the_estimator_swaps_with_one_flag(tmp_path: Path) -> None:
@@ -146,7 +150,7 @@ def test_lr_scheduler_from_yaml_steps_after_every_meta_step(tmp_path: Path) -> N
 
 def test_checkpoint_reloads_without_arguments_and_feeds_every_subcommand(tmp_path: Path) -> None:
     cli = MetaLearningCLI(args=["fit", *tiny_run(tmp_path)])
-    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    checkpoint = tmp_path / "checkpoints" / "sinusoid_contrastive" / "last.ckpt"
     restored = MetaLearningModule.load_from_checkpoint(checkpoint)  # learner and estimator from their class_path
     assert repr(restored.estimator) == repr(cli.model.estimator)
     for (name, trained), (_, loaded) in zip(
@@ -169,3 +173,37 @@ def test_print_config_shows_the_whole_configuration(capsys: pytest.CaptureFixtur
     assert printed["model"]["estimator"]["init_args"]["beta"] == 0.03
     assert printed["model"]["optimizer"]["class_path"] == "torch.optim.Adam"
     assert printed["data"]["init_args"]["num_eval_tasks"] == 600
+
+
+def test_fit_then_test_last_evaluates_the_trained_module_and_prints_one_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = MetaLearningCLI(args=["fit", *tiny_run(tmp_path)]).model
+    capsys.readouterr()
+    tested = MetaLearningCLI(args=["test", *tiny_run(tmp_path / "test"), "--ckpt_path=last"]).model
+    for (name, expected), (_, loaded) in zip(
+        trained.learner.named_meta_parameters(), tested.learner.named_meta_parameters(), strict=True
+    ):
+        torch.testing.assert_close(loaded, expected, rtol=0, atol=0, msg=name)
+    printed = capsys.readouterr().out
+    assert printed.count("test/query_loss ") == 1, printed  # our table (with the CI and episodes), not Lightning's too
+    assert "Meta-test results" in printed
+
+
+@pytest.mark.parametrize(
+    ("ckpt_path", "message"),
+    [
+        ("last", "no last checkpoint found ("),
+        ("best", "--ckpt_path best refers to the best checkpoint of a `fit` in the same process"),
+        ("missing.ckpt", "--ckpt_path missing.ckpt: no such file"),
+    ],
+)
+def test_evaluating_a_checkpoint_that_does_not_exist_fails_clearly(
+    ckpt_path: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for subcommand in ("test", "validate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([subcommand, *tiny_run(tmp_path), f"--ckpt_path={ckpt_path}"])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert message in error and (ckpt_path != "last" or "checkpoints/sinusoid_contrastive)" in error), error

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_contrastive.compat.flavours import check_same_lightning
 from lightning_contrastive.module import MetaLearningModule
 
 
@@ -22,7 +23,11 @@ def check_every_n_steps(every_n_steps: int) -> None:
 
 
 def meta_learning_module(callback: Callback, pl_module: pl.LightningModule) -> MetaLearningModule:
-    """``pl_module``, checked to be a :class:`MetaLearningModule` (``MisconfigurationException`` otherwise)."""
+    """``pl_module``, checked to be a :class:`MetaLearningModule` (``MisconfigurationException`` otherwise).
+
+    A callback built on the other Lightning package than the Trainer's gets a ``TypeError`` naming the import to use.
+    """
+    check_same_lightning(callback, pl_module)
     if not isinstance(pl_module, MetaLearningModule):
         raise MisconfigurationException(
             f"{type(callback).__name__} reads a learner and an estimator, so it needs a "

@@ -1,35 +1,53 @@
 """Reproduce the paper's comparison: every learner with every estimator, under equal budgets, side by side.
 
 For each suite (sinusoid regression with 5 and 10 shots, Omniglot 5-way and 20-way 1-shot on held-out
-characters), each learner (``ComplexSynapse``, ``DualSystem``) and each estimator (``Contrastive`` one-sided
-and symmetric, ``MAML``, ``FirstOrderMAML``, ``Implicit``, ``Reptile``), one *cell* meta-trains with
-``MetaLearningModule`` and a plain ``pl.Trainer`` built by the CLI from ``configs/reproduce/<suite>/<cell>.yaml``
-and tests on the suite's fixed meta-test episodes (the same for every cell), recording the meta-test metric with
-its 95% confidence interval, the wall-clock per meta-step and the peak resident memory of its process. A cell
+characters, and 20-way on held-out alphabets), each learner (``ComplexSynapse``, ``DualSystem``) and each estimator
+(``Contrastive`` one-sided, symmetric, and symmetric with the linear nudge, ``MAML``, ``FirstOrderMAML``,
+``Implicit``, ``Reptile``), one *cell* meta-trains with ``MetaLearningModule`` and a plain ``pl.Trainer`` built by
+the CLI from ``configs/reproduce/<suite>/<cell>.yaml`` and tests on the suite's fixed meta-test episodes (the same
+for every cell), recording the meta-test metric with its 95% confidence interval, its learning curve (the same
+metric at the untrained start and at regular points of meta-training, against meta-steps and training time:
+``LearningCurve``), the wall-clock per meta-step and the peak resident memory of its process. A cell
 ``untrained`` per learner tests the same network adapted from its untrained start. Pairs an estimator refuses
 (``estimator.check_learner`` raises ``ValueError``) are recorded as n/a with that error's text; ``ComplexSynapse``
 with fixed strengths (``reptile_lambda_fixed``) gives Reptile a row anyway.
 
-Equal budgets: within a suite every estimator takes the same inner steps (MAML's unroll, Implicit's, first-order
-MAML's and Reptile's inner steps, and the contrastive free phase), the same inner SGD (lr, momentum), meta-steps,
-meta-batch, outer optimizer (Adam, also for Reptile, whose meta-gradient ``theta - phi_T`` is usually applied by
-SGD), seed and meta-test episodes; the contrastive rule takes its nudged steps on top (per phase: twice for the
-symmetric rule). Test-time adaptation runs every estimator's ``adapt``: the same inner steps for all.
+Three groups of suites (``--only`` takes groups and suite names):
 
-    python benchmarks/reproduce.py                          # the full run (~75 min on 2 cores, 2 workers)
-    python benchmarks/reproduce.py --only omniglot_5way --learners complex_synapse --estimators maml
+- ``steps``, equal budgets: within a suite every estimator takes the same inner steps (MAML's unroll, Implicit's,
+  first-order MAML's and Reptile's inner steps, and the contrastive free phase), the same inner SGD (lr,
+  momentum), meta-steps, meta-batch, outer optimizer (Adam, also for Reptile, whose meta-gradient ``theta - phi_T``
+  is usually applied by SGD), seed and meta-test episodes; the contrastive rule takes its nudged steps on top (per
+  phase: twice for the symmetric rule). Test-time adaptation runs every estimator's ``adapt``: the same inner
+  steps for all.
+- ``time``, equal training time (issue 14): the same suites, but every estimator meta-trains for the same CPU
+  time (``EQUAL_TIME_SECONDS``; one thread, evaluations excluded), with the curve evaluated at every fifth of it.
+- ``long``, issue 17: Omniglot 20-way on both splits for 600 meta-steps, a curve point every 50.
+
+    python benchmarks/reproduce.py                          # steps and time groups (~100 + ~110 min, 2 workers)
+    python benchmarks/reproduce.py --only time              # the equal-time comparison alone
+    python benchmarks/reproduce.py --only long --learners complex_synapse --out benchmarks/results/long
+    python benchmarks/reproduce.py --only omniglot_20way_long --learners complex_synapse \
+        --estimators contrastive_linear --set=--trainer.gradient_clip_val=1.0 --out benchmarks/results/clip1
     python benchmarks/reproduce.py --report                 # RESULTS.md and docs/ figures from the JSONs
     python benchmarks/reproduce.py --smoke --out /tmp/smoke # everything tiny: checks the orchestration
     python benchmarks/reproduce.py --write-configs          # regenerate configs/reproduce/ from SUITES
+
+The fourth line is a *variant*: one cell again with one setting changed, in a folder of its own, which
+``--report --variants FOLDER...`` tabulates with its best curve point. Any CLI key works
+(``--model.optimizer.init_args.lr``, ``--model.learner.init_args.learn_lambda=false``,
+``--model.estimator.init_args.beta``, ``...nudged_steps``, ``--trainer.gradient_clip_val``).
 
 One cell by hand (what a worker runs, minus timing):
 ``OMP_NUM_THREADS=1 lightning-contrastive fit --config configs/reproduce/omniglot_5way/complex_synapse__maml.yaml``
 then ``test`` with ``--ckpt_path`` (the configs turn checkpointing off; add ``--trainer.enable_checkpointing=true``).
 
 Every cell runs in a fresh subprocess (peak RSS cannot be reset) with one torch thread and writes one JSON file
-under ``--out``; a rerun skips cells whose JSON exists, so an interrupted reproduction resumes. A cell that
-crashes or diverges records its error and shows as ``failed: <reason>`` without stopping the others. The
-gradient-quality stage (``benchmarks/gradient_quality.py``) runs as one more job of the pool.
+under ``--out``; a rerun skips cells whose JSON exists, and a cell interrupted in meta-training resumes from the
+checkpoint it saved at its last curve point, so an interrupted reproduction resumes: run the same command again.
+A cell that crashes, diverges or skips too many tasks (:func:`judge`) records why and shows as
+``failed: <reason>`` without stopping the others. The gradient-quality stage (``benchmarks/gradient_quality.py``)
+runs as one more job of the pool.
 """
 
 from __future__ import annotations
@@ -58,6 +76,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
+from lightning_contrastive.callbacks.learning_curve import LearningCurve
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIGS = REPOSITORY / "configs" / "reproduce"
 DEFAULT_OUT = REPOSITORY / "benchmarks" / "results" / "reproduce"
@@ -70,10 +90,14 @@ SEED = 0
 
 @dataclass(frozen=True)
 class Suite:
-    """One benchmark problem and the budget every estimator gets on it.
+    """One benchmark problem, the budget every estimator gets on it, and the estimators compared.
 
     ``inner_steps`` is every estimator's number of inner steps (the contrastive free phase); the contrastive
-    rule adds ``nudged_steps`` per nudged phase. ``eval_tasks`` fixed meta-test episodes, seeded by ``SEED``.
+    rule adds ``nudged_steps`` per nudged phase (the linear nudge: ``inner_steps``). ``eval_tasks`` fixed
+    meta-test episodes, seeded by ``SEED``. ``group``: ``steps`` (every estimator takes ``meta_steps``),
+    ``time`` (every estimator meta-trains for ``train_seconds`` of CPU time, ``meta_steps`` only sizes the data)
+    or ``long`` (issue 17's longer runs). Each cell records its learning curve at ``curve_points`` regular points
+    after the untrained start (by meta-steps, or by training time in the ``time`` group).
     """
 
     name: str
@@ -95,11 +119,26 @@ class Suite:
     channels: int = 0  # Conv4 channels (Omniglot)
     init_lambda: float = 1.0  # ComplexSynapse starting strength
     pull: float = 1.0  # DualSystem pull toward the fast system's learned start
+    split_by: str = "character"  # Omniglot: the meta-test holds unseen characters, or unseen alphabets
+    group: str = "steps"
+    train_seconds: float | None = None  # the ``time`` group's budget per cell
+    curve_points: int = 2  # each point costs one pass over the eval episodes (28 s on 20-way)
+    estimators: tuple[str, ...] = ()  # cells run on this suite; () for every one of ESTIMATORS
 
     @property
     def metric(self) -> str:
         """The metric the suite's table reports: ``accuracy`` for classification, else ``query_loss`` (MSE)."""
         return "accuracy" if self.data == "omniglot" else "query_loss"
+
+    @property
+    def curve_every_n_steps(self) -> int | None:
+        """Meta-steps between two curve points (``None`` in the ``time`` group, whose points are by time)."""
+        return None if self.train_seconds is not None else max(1, self.meta_steps // self.curve_points)
+
+    @property
+    def max_steps(self) -> int:
+        """The Trainer's ``max_steps``: ``meta_steps``, or in the ``time`` group a cap far above any cell's reach."""
+        return self.meta_steps if self.train_seconds is None else 50 * self.meta_steps
 
 
 # Budgets measured on this machine (2 shared cores, one thread per worker, two workers), see the report:
@@ -145,23 +184,92 @@ OMNIGLOT_5WAY = Suite(
     init_lambda=0.5,
     pull=0.5,
 )
+# 20 ways: half the meta-batch and 50 fewer meta-steps, as each 20-way task costs about 2.5x a 5-way one.
+OMNIGLOT_20WAY = replace(
+    OMNIGLOT_5WAY, name="omniglot_20way", title="Omniglot 20-way 1-shot", ways=20, meta_steps=250, meta_batch=2
+)
+EQUAL_STEPS = (
+    SINUSOID_5SHOT,
+    replace(SINUSOID_5SHOT, name="sinusoid_10shot", title="Sinusoid regression, 10 shots", shots=10),
+    OMNIGLOT_5WAY,
+    OMNIGLOT_20WAY,
+    # Unseen alphabets (issue 17): the 20-way suite with whole alphabets held out for meta-test.
+    replace(
+        OMNIGLOT_20WAY,
+        name="omniglot_20way_alphabet",
+        title="Omniglot 20-way 1-shot, unseen alphabets",
+        split_by="alphabet",
+    ),
+)
+
+EQUAL_TIME_SECONDS = {
+    "sinusoid_5shot": 30.0,
+    "sinusoid_10shot": 30.0,
+    "omniglot_5way": 150.0,
+    "omniglot_20way": 240.0,
+    "omniglot_20way_alphabet": 240.0,
+}
+"""The ``time`` group's budget per cell: CPU seconds of meta-training (one thread; evaluations excluded).
+
+About what MAML needs for the equal-steps table's meta-steps (measured: 600 x 0.045 s on sinusoid, 300 x 0.5 s
+on 5-way, 250 x 0.65 s on 20-way), the 20-way budget raised to about 370 MAML steps: issue 17 found the
+estimators' order changing between 250 and 600 meta-steps there. CPU time rather than wall-clock, because the
+cores are shared: a one-thread process's CPU time is the wall-clock it would take on a core of its own, so two
+cells side by side (or other work on the machine) do not change what a budget buys.
+"""
+EQUAL_TIME_ESTIMATORS = (
+    "maml",
+    "implicit",
+    "fomaml",
+    "reptile_lambda_fixed",
+    "contrastive_symmetric",
+    "contrastive_linear",
+)
+LONG_ESTIMATORS = ("maml", "implicit", "contrastive_symmetric", "contrastive_linear")
+"""Issue 17's longer runs: MAML, which kept improving; the contrastive rule, which fell back; and Implicit, which
+estimates the same equilibrium gradient as the contrastive rule: if it falls back too, the cause is the gradient
+of the inner problem's solution (which 10 test-time steps do not reach), not the contrastive estimate of it."""
+LONG_STEPS = 600
+
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
-        SINUSOID_5SHOT,
-        replace(SINUSOID_5SHOT, name="sinusoid_10shot", title="Sinusoid regression, 10 shots", shots=10),
-        OMNIGLOT_5WAY,
-        # 20 ways: half the meta-batch and 50 fewer meta-steps, as each 20-way task costs about 2.5x a 5-way one.
-        replace(
-            OMNIGLOT_5WAY, name="omniglot_20way", title="Omniglot 20-way 1-shot", ways=20, meta_steps=250, meta_batch=2
+        *EQUAL_STEPS,
+        *(
+            replace(
+                suite,
+                name=f"{suite.name}_equal_time",
+                title=f"{suite.title}, equal time",
+                group="time",
+                train_seconds=EQUAL_TIME_SECONDS[suite.name],
+                curve_points=5,
+                estimators=EQUAL_TIME_ESTIMATORS,
+            )
+            for suite in EQUAL_STEPS
+        ),
+        *(
+            replace(
+                suite,
+                name=f"{suite.name}_long",
+                title=f"{suite.title}, {LONG_STEPS} meta-steps",
+                group="long",
+                meta_steps=LONG_STEPS,
+                curve_points=LONG_STEPS // 50,  # a point every 50 meta-steps
+                estimators=LONG_ESTIMATORS,
+            )
+            for suite in EQUAL_STEPS
+            if suite.name.startswith("omniglot_20way")
         ),
     )
 }
+GROUPS = ("steps", "time", "long")
+"""Suite groups, also accepted by ``--only``. A run without ``--only`` runs ``steps`` and ``time``."""
 
 LEARNERS = {"complex_synapse": "ComplexSynapse", "dual_system": "DualSystem"}
 ESTIMATORS = {
     "untrained": "untrained start",
     "contrastive_symmetric": "Contrastive symmetric",
+    "contrastive_linear": "Contrastive symmetric, linear nudge",
     "contrastive_one_sided": "Contrastive one-sided",
     "maml": "MAML",
     "implicit": "Implicit",
@@ -169,10 +277,16 @@ ESTIMATORS = {
     "reptile": "Reptile",
     "reptile_lambda_fixed": "Reptile (lambda fixed)",
 }
-"""Cell names and their labels, in table order. ``reptile_lambda_fixed`` exists for ComplexSynapse only."""
+"""Cell names and their labels, in table order. ``reptile_lambda_fixed`` exists for ComplexSynapse only.
+``contrastive_symmetric`` and ``contrastive_one_sided`` use the paper's (full) nudge, ``contrastive_linear`` the
+nudge linearised at the free solution with as many nudged steps as free ones (a nudged step then costs a free
+one)."""
+DEFAULT_CONTRASTIVE = "contrastive_linear"
+"""The library's default contrastive rule, whose standing against every other estimator the report shows."""
 
-SMOKE = {"meta_steps": 3, "inner_steps": 3, "nudged_steps": 2, "eval_tasks": 8, "eval_batch": 4}
-"""``--smoke``: every suite shrunk to this, through CLI overrides on the same configs."""
+SMOKE = {"meta_steps": 3, "train_seconds": 1.0, "inner_steps": 3, "nudged_steps": 2, "eval_tasks": 8, "eval_batch": 4}
+"""``--smoke``: every suite shrunk to this, through CLI overrides on the same configs (``train_seconds``: the
+``time`` group's budget, with ``10 * meta_steps`` as the cap)."""
 
 
 @dataclass(frozen=True)
@@ -198,11 +312,12 @@ class Cell:
 def all_cells() -> list[Cell]:
     """Every cell, in table order."""
     return [
-        Cell(suite, learner, estimator)
-        for suite in SUITES
+        Cell(name, learner, estimator)
+        for name, suite in SUITES.items()
         for learner in LEARNERS
         for estimator in ESTIMATORS
-        if not (estimator == "reptile_lambda_fixed" and learner != "complex_synapse")
+        if estimator in (suite.estimators or ESTIMATORS)
+        and not (estimator == "reptile_lambda_fixed" and learner != "complex_synapse")
     ]
 
 
@@ -244,6 +359,7 @@ def cell_config(cell: Cell) -> dict[str, Any]:
                 "eval_batch_size": suite.eval_batch,
                 "num_train_tasks": suite.meta_steps * suite.meta_batch,  # every meta-training task is fresh
                 "num_eval_tasks": suite.eval_tasks,
+                "split_by": suite.split_by,
                 "seed": SEED,
             },
         }
@@ -265,11 +381,13 @@ def cell_config(cell: Cell) -> dict[str, Any]:
     inner = {"inner_lr": suite.inner_lr, "inner_momentum": suite.inner_momentum}
     if cell.estimator.startswith("contrastive") or cell.estimator == "untrained":
         # The untrained start is tested with the symmetric rule's adapt: the same inner steps as every estimator.
+        linear = cell.estimator == "contrastive_linear"
         estimator_args = {
             "beta": suite.beta,
             "symmetric": cell.estimator != "contrastive_one_sided",
             "inner_steps": suite.inner_steps,
-            "nudged_steps": suite.nudged_steps,
+            "nudged_steps": suite.inner_steps if linear else suite.nudged_steps,
+            **({"nudge": "linear"} if linear else {}),
             **inner,
         }
         estimator = {"class_path": "lightning_contrastive.Contrastive", "init_args": estimator_args}
@@ -279,11 +397,21 @@ def cell_config(cell: Cell) -> dict[str, Any]:
             "class_path": f"lightning_contrastive.{class_name}",
             "init_args": {"inner_steps": suite.inner_steps, **inner},
         }
+    curve = {
+        "class_path": "lightning_contrastive.callbacks.learning_curve.LearningCurve",
+        "init_args": {
+            "every_n_steps": suite.curve_every_n_steps,
+            "every_seconds": None if suite.train_seconds is None else suite.train_seconds / suite.curve_points,
+            "max_train_seconds": suite.train_seconds,
+            "clock": "cpu",  # see EQUAL_TIME_SECONDS
+        },
+    }
     return {
         "seed_everything": SEED,
         "trainer": {
-            "max_steps": 0 if cell.estimator == "untrained" else suite.meta_steps,
+            "max_steps": 0 if cell.estimator == "untrained" else suite.max_steps,
             "limit_val_batches": 0,  # the test episodes are the measure; validating would only add time
+            "callbacks": [] if cell.estimator == "untrained" else [curve],
             "logger": False,
             "enable_checkpointing": False,
             "enable_progress_bar": False,
@@ -343,8 +471,18 @@ def smoke_overrides(cell: Cell) -> list[str]:
     data = [f"--data.num_eval_tasks={SMOKE['eval_tasks']}", f"--data.eval_batch_size={SMOKE['eval_batch']}"]
     if suite.data == "omniglot":
         data.append(f"--data.num_train_tasks={SMOKE['meta_steps'] * suite.meta_batch}")
-    trained = cell.estimator != "untrained"
-    return [*([f"--trainer.max_steps={SMOKE['meta_steps']}"] if trained else []), *steps, *data]
+    if cell.estimator == "untrained":
+        return [*steps, *data]
+    if suite.train_seconds is None:
+        training = [f"--trainer.max_steps={SMOKE['meta_steps']}", "--trainer.callbacks.init_args.every_n_steps=1"]
+    else:
+        budget = SMOKE["train_seconds"]
+        training = [
+            f"--trainer.max_steps={10 * SMOKE['meta_steps']}",
+            f"--trainer.callbacks.init_args.max_train_seconds={budget}",
+            f"--trainer.callbacks.init_args.every_seconds={budget / 2}",
+        ]
+    return [*training, *steps, *data]
 
 
 def omniglot_root() -> Path:
@@ -357,7 +495,11 @@ def omniglot_root() -> Path:
 # ---------------------------------------------------------------------------------------------- one cell
 @dataclass
 class CellResult:
-    """What one cell's JSON file holds. ``status``: ``ok``, ``n/a`` (refused pair) or ``failed``."""
+    """What one cell's JSON file holds. ``status``: ``ok``, ``n/a`` (refused pair) or ``failed`` (see :func:`judge`).
+
+    ``curve``: the learning curve's points (``LearningCurve``'s ``CurvePoint`` as dicts: meta-step, training
+    seconds by wall-clock and CPU time, metrics with 95% CIs), the first at the untrained start.
+    """
 
     suite: str
     learner: str
@@ -367,11 +509,51 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds_per_meta_step: float | None = None
     meta_steps: int = 0
+    train_cpu_seconds: float | None = None
     peak_rss_mib: float | None = None
     wall_s: float | None = None
     skipped_tasks: float | None = None
+    resumed_at_step: int | None = None
     command: str = ""
     overrides: list[str] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+DIVERGED_LOSS_FACTOR = 10.0
+"""A trained cell whose meta-test query loss exceeds this many times its untrained start's has failed (diverged)."""
+MAX_SKIPPED_FRACTION = 0.05
+"""A trained cell that skipped more than this fraction of its meta-training tasks (inner-loop faults) has failed."""
+
+
+def judge(result: dict[str, Any], untrained_loss: float | None, meta_batch: int) -> tuple[str, str]:
+    """The status and reason a cell's result deserves: an ``ok`` run whose numbers are absurd is a failure.
+
+    Failed, in this order: a non-finite metric; a meta-test query loss (MSE, or cross-entropy) above
+    ``DIVERGED_LOSS_FACTOR`` times ``untrained_loss``, the same network's from its untrained start on the same
+    episodes (meta-training made it more than 10x worse: its meta-parameters diverged, e.g. 1.15e+22 against
+    6.7); more than ``MAX_SKIPPED_FRACTION`` of its ``meta_steps * meta_batch`` meta-training tasks skipped for
+    inner-loop faults (the meta-gradient then averages the tasks that happened not to fail). Other statuses and
+    reasons are returned unchanged.
+    """
+    if result["status"] != "ok":
+        return result["status"], result.get("reason", "")
+    metrics = result.get("metrics", {})
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        return "failed", f"diverged: non-finite {', '.join(bad)}"
+    loss = metrics.get("query_loss")
+    if loss is not None and untrained_loss is not None and loss > DIVERGED_LOSS_FACTOR * untrained_loss:
+        return "failed", (
+            f"diverged: meta-test query loss {loss:.3g} is more than {DIVERGED_LOSS_FACTOR:g}x the untrained "
+            f"start's ({untrained_loss:.3g})"
+        )
+    tasks = result.get("meta_steps", 0) * meta_batch
+    skipped = result.get("skipped_tasks") or 0.0
+    if tasks and skipped > MAX_SKIPPED_FRACTION * tasks:
+        return "failed", (
+            f"unstable: {skipped:g} of {tasks} meta-training tasks skipped (more than {MAX_SKIPPED_FRACTION:.0%})"
+        )
+    return "ok", result.get("reason", "")
 
 
 class StepTimer(pl.Callback):
@@ -396,11 +578,35 @@ class StepTimer(pl.Callback):
             self.skipped_tasks = (self.skipped_tasks or 0.0) + float(skipped)
 
 
+class CheckpointAtCurvePoints(pl.Callback):
+    """Saves a checkpoint to ``path`` after each new point of ``curve``, so that an interrupted cell resumes there.
+
+    Written to a temporary file and renamed, so that an interruption never leaves half a checkpoint.
+    """
+
+    def __init__(self, curve: LearningCurve, path: Path) -> None:
+        self.curve = curve
+        self.path = path
+        self._saved = 0
+
+    def on_train_start(self, *args: Any) -> None:
+        self._saved = len(self.curve.points)  # the curve's hook ran first: its start point is not a new one
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if len(self.curve.points) > self._saved and not trainer.should_stop:
+            partial = self.path.with_suffix(".ckpt.partial")
+            trainer.save_checkpoint(partial)
+            partial.replace(self.path)
+            self._saved = len(self.curve.points)
+
+
 def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellResult:
     """Meta-train and test ``cell`` in this process and write its JSON to ``result_path``.
 
     Never raises for the cell's own failures: a refused pair is recorded as ``n/a`` with the ``ValueError`` of
-    ``estimator.check_learner``, and any exception or a non-finite test metric as ``failed``.
+    ``estimator.check_learner``, and any exception, or a result :func:`judge` calls absurd, as ``failed``.
+    Meta-training saves a checkpoint next to ``result_path`` at each learning-curve point; a cell started again
+    after an interruption resumes from it (its curve and its training clock included), and deletes it when done.
     """
     torch.set_num_threads(1)
     from lightning_contrastive.cli import MetaLearningCLI
@@ -414,6 +620,7 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellRes
     result.command = shlex.join(
         ["lightning-contrastive", subcommand, "--config", str(cell.config.relative_to(REPOSITORY)), *overrides]
     )
+    checkpoint = result_path.with_suffix(".ckpt")
     try:
         model = cell_config(cell)["model"]
         try:
@@ -424,23 +631,35 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellRes
             cli = MetaLearningCLI(args=[f"--config={cell.config}", *overrides], run=False, save_config_callback=None)
             timer = StepTimer()
             cli.trainer.callbacks.append(timer)
+            curve = next((c for c in cli.trainer.callbacks if isinstance(c, LearningCurve)), None)
             if cell.estimator != "untrained":
-                cli.trainer.fit(cli.model, cli.datamodule)
-            (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
-            result.metrics = {name.removeprefix("test/"): float(value) for name, value in metrics.items()}
-            result.meta_steps = len(timer.seconds)
+                if curve is not None:
+                    cli.trainer.callbacks.append(CheckpointAtCurvePoints(curve, checkpoint))
+                resume = checkpoint if checkpoint.exists() else None
+                if resume is not None:
+                    result.resumed_at_step = int(torch.load(resume, weights_only=False)["global_step"])
+                cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=resume)
+            result.meta_steps = cli.trainer.global_step
+            if curve is not None and curve.points and curve.points[-1].meta_step == result.meta_steps:
+                result.metrics = dict(curve.points[-1].metrics)  # what trainer.test gives (tested): not run twice
+            else:
+                (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+                result.metrics = {name.removeprefix("test/"): float(value) for name, value in metrics.items()}
             if len(timer.seconds) > 1:  # the first step pays one-off costs (allocations, lazy imports)
                 result.seconds_per_meta_step = sum(timer.seconds[1:]) / (len(timer.seconds) - 1)
-            result.skipped_tasks = timer.skipped_tasks
-            bad = [name for name, value in result.metrics.items() if not math.isfinite(value)]
-            if bad:
-                result.status, result.reason = "failed", f"diverged: non-finite {', '.join(bad)}"
+            result.skipped_tasks = cli.model.skipped_tasks_total or timer.skipped_tasks
+            if curve is not None and curve.points:
+                result.curve = [asdict(point) for point in curve.points]
+                result.train_cpu_seconds = curve.points[-1].train_cpu_seconds
+            untrained = result.curve[0]["metrics"].get("query_loss") if result.curve else None
+            result.status, result.reason = judge(asdict(result), untrained, SUITES[cell.suite].meta_batch)
     except Exception as error:  # recorded, so that one cell cannot stop the reproduction
         traceback.print_exc()
         result.status, result.reason = "failed", f"{type(error).__name__}: {error}"
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     result.wall_s = time.perf_counter() - start
     write_json(result_path, asdict(result))
+    checkpoint.unlink(missing_ok=True)
     return result
 
 
@@ -517,7 +736,7 @@ def reproduce(
 ) -> list[str]:
     """Run every cell whose JSON is missing (and the gradient-quality stage) on a pool of ``workers`` processes.
 
-    The most expensive jobs start first (the gradient-quality stage, then Omniglot 20-way, 5-way, sinusoid), so
+    The most expensive jobs start first (the gradient-quality stage, then the cells by :func:`estimate_seconds`), so
     that the pool's last minutes are not spent on one long job. Returns one status line per job.
     """
     pending = [cell for cell in cells if not cell.result_path(out).exists()]
@@ -532,8 +751,7 @@ def reproduce(
     )
     info["smoke_budget"] = SMOKE if smoke else None
     write_json(info_path, info)
-    order = ["omniglot_20way", "omniglot_5way"]
-    pending.sort(key=lambda cell: order.index(cell.suite) if cell.suite in order else len(order))
+    pending.sort(key=lambda cell: -estimate_seconds([cell], MEASURED_SECONDS_PER_STEP))
     lines: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = [pool.submit(launch_gradient_quality, out, smoke)] if gradient_quality else []
@@ -546,20 +764,33 @@ def reproduce(
     return lines
 
 
+def cost_key(suite: Suite) -> str:
+    """The suite whose measured costs apply: its data and ways (``omniglot_20way`` for all the 20-way suites)."""
+    return "_".join(suite.name.split("_")[:2])
+
+
 def estimate_seconds(cells: Iterable[Cell], seconds_per_step: dict[str, dict[str, float]]) -> float:
-    """Worker-seconds the cells need: meta-steps times measured seconds per meta-step, test episodes, start-up."""
-    startup, per_episode = 10.0, {"sinusoid": 0.002, "omniglot_5way": 0.03, "omniglot_20way": 0.07}
+    """Worker-seconds the cells need: start-up, meta-training (meta-steps times the measured seconds per meta-step,
+    or the ``time`` group's budget) and every evaluation of the test episodes (the curve's points and the test)."""
     total = 0.0
     for cell in cells:
         suite = SUITES[cell.suite]
-        steps = 0 if cell.estimator == "untrained" else suite.meta_steps
-        step = seconds_per_step[cell.suite].get(cell.estimator.removesuffix("_lambda_fixed"), 0.0)
-        total += startup + steps * step + suite.eval_tasks * per_episode.get(cell.suite, per_episode["sinusoid"])
+        evaluation = suite.eval_tasks * SECONDS_PER_EPISODE[cost_key(suite)]
+        if cell.estimator == "untrained":
+            total += STARTUP_SECONDS + evaluation
+            continue
+        step = seconds_per_step[cost_key(suite)].get(cell.estimator.removesuffix("_lambda_fixed"), 0.0)
+        training = suite.train_seconds if suite.train_seconds is not None else suite.meta_steps * step
+        total += STARTUP_SECONDS + training + (suite.curve_points + 1) * evaluation
     return total
 
 
+STARTUP_SECONDS = 10.0
+SECONDS_PER_EPISODE = {"sinusoid_5shot": 0.002, "sinusoid_10shot": 0.002, "omniglot_5way": 0.03, "omniglot_20way": 0.07}
+"""Measured seconds per meta-test episode (one adaptation), for the time estimate."""
 SINUSOID_SECONDS_PER_STEP = {
     "contrastive_symmetric": 0.06,
+    "contrastive_linear": 0.06,  # not measured yet: about three first-order inner loops
     "contrastive_one_sided": 0.05,
     "maml": 0.045,
     "implicit": 0.09,
@@ -571,6 +802,7 @@ MEASURED_SECONDS_PER_STEP = {
     "sinusoid_10shot": SINUSOID_SECONDS_PER_STEP,
     "omniglot_5way": {
         "contrastive_symmetric": 0.8,
+        "contrastive_linear": 0.5,  # not measured yet
         "contrastive_one_sided": 0.6,
         "maml": 0.5,
         "implicit": 0.6,
@@ -579,6 +811,7 @@ MEASURED_SECONDS_PER_STEP = {
     },
     "omniglot_20way": {
         "contrastive_symmetric": 1.1,
+        "contrastive_linear": 0.6,  # not measured yet
         "contrastive_one_sided": 0.8,
         "maml": 0.65,
         "implicit": 0.95,
@@ -586,23 +819,34 @@ MEASURED_SECONDS_PER_STEP = {
         "reptile": 0.25,
     },
 }
-"""Seconds per meta-step measured with these budgets (one thread, two processes at once), for the time estimate."""
+"""Seconds per meta-step measured with these budgets (one thread, two processes at once), for the time estimate.
+The keys are :func:`cost_key`'s; the 20-way figures serve its alphabet split too."""
 
 
 # ---------------------------------------------------------------------------------------------- report
 def load_results(out: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every cell's JSON under ``out``, grouped by suite, in table order (missing cells are left out)."""
+    """Every cell's JSON under ``out``, grouped by suite, in table order (missing cells are left out).
+
+    Each ``ok`` result is judged again (:func:`judge`) against its untrained start: its curve's first point, or
+    for a JSON without a curve the suite's ``untrained`` cell of the same learner. A JSON written before the rule
+    existed is then reported as the rule says.
+    """
     results: dict[str, list[dict[str, Any]]] = {}
     for cell in all_cells():
         path = cell.result_path(out)
         if path.exists():
             results.setdefault(cell.suite, []).append(json.loads(path.read_text()))
+    for name, rows in results.items():
+        untrained = {r["learner"]: r for r in rows if r["estimator"] == "untrained" and r["status"] == "ok"}
+        for result in rows:
+            start = result.get("curve") or [untrained.get(result["learner"], {})]
+            reference = start[0].get("metrics", {}).get("query_loss")
+            result["status"], result["reason"] = judge(result, reference, SUITES[name].meta_batch)
     return results
 
 
-def metric_cell(result: dict[str, Any], suite: Suite) -> str:
-    """``mean ± ci95`` of the suite's metric (accuracy in %), or an empty string when there is none."""
-    metrics = result.get("metrics", {})
+def metric_text(metrics: dict[str, float], suite: Suite) -> str:
+    """``mean ± ci95`` of the suite's metric in ``metrics`` (accuracy in %), or ``""`` when there is none."""
     if suite.metric not in metrics:
         return ""
     scale = 100.0 if suite.metric == "accuracy" else 1.0
@@ -611,15 +855,45 @@ def metric_cell(result: dict[str, Any], suite: Suite) -> str:
     return f"{mean:{style}} ± {ci:{style}}"
 
 
-def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = "contrastive_symmetric") -> str:
+def metric_cell(result: dict[str, Any], suite: Suite) -> str:
+    """:func:`metric_text` of a cell's final metrics."""
+    return metric_text(result.get("metrics", {}), suite)
+
+
+def best_point(result: dict[str, Any], suite: Suite) -> str:
+    """The curve's best point after the start, ``mean ± ci @ meta-step``: where a cell stopped improving."""
+    points = [p for p in result.get("curve", [])[1:] if math.isfinite(p["metrics"].get(suite.metric, math.nan))]
+    if not points:
+        return ""
+    sign = 1.0 if suite.metric == "accuracy" else -1.0
+    best = max(points, key=lambda point: sign * point["metrics"][suite.metric])
+    return f"{metric_text(best['metrics'], suite)} @ {best['meta_step']}"
+
+
+OTHERS = (
+    "maml",
+    "implicit",
+    "fomaml",
+    "reptile_lambda_fixed",
+    "contrastive_symmetric",
+    "contrastive_linear",
+    "contrastive_one_sided",
+)
+"""The estimators a contrastive rule is compared with in the standing tables (less itself, and those not run)."""
+
+
+def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = DEFAULT_CONTRASTIVE) -> str:
     """Where ``estimator`` stands against every other trained estimator, per suite and learner.
 
     ``ahead``/``behind`` when the two 95% intervals do not overlap, ``level`` when they do; the difference is in
-    accuracy points (higher is better) or MSE (lower is better).
+    accuracy points (higher is better) or MSE (lower is better). A comparison with a cell that did not finish
+    ``ok`` shows that cell's status.
     """
+    present = {r["estimator"] for rows in results.values() for r in rows}
+    others = [e for e in OTHERS if e != estimator and e in present]
     rows = [
-        "| suite | learner | " + " | ".join(ESTIMATORS[e] for e in OTHERS) + " |",
-        "|---|---|" + "---|" * len(OTHERS),
+        "| suite | learner | " + " | ".join(ESTIMATORS[e] for e in others) + " |",
+        "|---|---|" + "---|" * len(others),
     ]
     for name, suite_rows in results.items():
         suite = SUITES[name]
@@ -630,12 +904,9 @@ def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = "c
                 continue
             ours = cells[estimator]["metrics"]
             verdicts = []
-            for other in OTHERS:
-                if other not in cells or cells[other]["status"] != "ok":
-                    verdicts.append(cells[other]["status"] if other in cells else "n/a")
-                    continue
-                if cells[other].get("skipped_tasks"):  # its meta-parameters blew up: no comparison to make
-                    verdicts.append(f"it diverged ({cells[other]['skipped_tasks']:g} tasks skipped)")
+            for other in others:
+                if cells.get(other, {}).get("status") != "ok":
+                    verdicts.append(cells[other]["status"] if other in cells else "not run")
                     continue
                 theirs = cells[other]["metrics"]
                 gap = better * scale * (ours[suite.metric] - theirs[suite.metric])
@@ -644,10 +915,6 @@ def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = "c
                 verdicts.append(f"{verdict} ({gap:+.{1 if suite.metric == 'accuracy' else 3}f})")
             rows.append(f"| {suite.title} | {LEARNERS[learner]} | " + " | ".join(verdicts) + " |")
     return "\n".join(rows)
-
-
-OTHERS = ("maml", "implicit", "fomaml", "reptile_lambda_fixed", "contrastive_one_sided")
-"""The estimators the symmetric contrastive rule is compared with in the standing table."""
 
 
 def status_cell(result: dict[str, Any]) -> str:
@@ -662,36 +929,61 @@ def status_cell(result: dict[str, Any]) -> str:
 
 
 def suite_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
-    """The markdown table of one suite: a row per learner and estimator."""
+    """The markdown table of one suite: a row per learner and estimator, with the metric at the end of training."""
     metric = "query accuracy (%)" if suite.metric == "accuracy" else "meta-test MSE"
     rows = [
-        f"| learner | estimator | {metric} ± 95% CI | s / meta-step | peak process RSS (MiB) | status |",
-        "|---|---|---|---|---|---|",
+        f"| learner | estimator | {metric} ± 95% CI | best point @ meta-step | meta-steps | s / meta-step | "
+        "peak process RSS (MiB) | status |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         step, rss = result.get("seconds_per_meta_step"), result.get("peak_rss_mib")
         step_text = "" if step is None else f"{step:.3f}"
         rss_text = "" if rss is None or result["status"] == "n/a" else f"{rss:.0f}"
+        steps_text = str(result["meta_steps"]) if result.get("meta_steps") else ""
         rows.append(
             f"| {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | {metric_cell(result, suite)} | "
-            f"{step_text} | {rss_text} | {status_cell(result)} |"
+            f"{best_point(result, suite)} | {steps_text} | {step_text} | {rss_text} | {status_cell(result)} |"
         )
     return "\n".join(rows)
 
 
-def budget_lines(suites: dict[str, Any]) -> list[str]:
-    """One line per suite with its equal budget."""
+def curve_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
+    """The metric ± 95% CI at every curve point (columns: meta-steps), a row per learner and estimator."""
+    steps = sorted({point["meta_step"] for r in results for point in r.get("curve", [])})
+    rows = [
+        "| learner | estimator | " + " | ".join(f"step {step}" for step in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
+    for result in results:
+        at = {point["meta_step"]: point["metrics"] for point in result.get("curve", [])}
+        cells = [metric_text(at[step], suite) if step in at else "" for step in steps]
+        rows.append(
+            f"| {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(rows)
+
+
+def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """One line per suite of ``names`` with its equal budget (``suites``: the run's suites, as dicts)."""
     lines = []
-    for name, suite in suites.items():
+    for name in names:
+        suite = suites[name]
         network = "MLP 1-40-40-1" if suite["data"] == "sinusoid" else f"Conv4 ({suite['channels']} channels)"
+        split = f", split by {suite.get('split_by', 'character')}" if suite["data"] == "omniglot" else ""
+        budget = (
+            f"meta-batch {suite['meta_batch']} for {suite['train_seconds']:g} s of training (CPU time)"
+            if suite.get("train_seconds")
+            else f"{suite['meta_steps']} meta-steps x meta-batch {suite['meta_batch']}"
+        )
         lines.append(
-            f"- `{name}`: {network}; {suite['shots']} shot(s), {suite['test_shots']} queries"
-            f"{' per class' if suite['data'] == 'omniglot' else ''}; {suite['meta_steps']} meta-steps x meta-batch "
-            f"{suite['meta_batch']}; {suite['inner_steps']} inner steps for every estimator (contrastive: "
-            f"+{suite['nudged_steps']} nudged steps per nudged phase, beta {suite['beta']}); inner SGD lr "
-            f"{suite['inner_lr']}, momentum {suite['inner_momentum']}; Adam lr {suite['outer_lr']}; "
-            f"{suite['eval_tasks']} fixed meta-test episodes; ComplexSynapse init_lambda {suite['init_lambda']}, "
-            f"DualSystem pull {suite['pull']}."
+            f"- `{name}`: {network}{split}; {suite['shots']} shot(s), {suite['test_shots']} queries"
+            f"{' per class' if suite['data'] == 'omniglot' else ''}; {budget}; "
+            f"{suite['inner_steps']} inner steps for every estimator (contrastive: "
+            f"+{suite['nudged_steps']} nudged steps per nudged phase, the linear nudge +{suite['inner_steps']}; beta "
+            f"{suite['beta']}); inner SGD lr {suite['inner_lr']}, momentum {suite['inner_momentum']}; Adam lr "
+            f"{suite['outer_lr']}; {suite['eval_tasks']} fixed meta-test episodes; ComplexSynapse init_lambda "
+            f"{suite['init_lambda']}, DualSystem pull {suite['pull']}."
         )
     return lines
 
@@ -715,23 +1007,19 @@ def gradient_quality_section(out: Path) -> str:
 
 
 def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Each suite's metric with its 95% CI per learner and estimator (points with error bars), diverged cells out."""
+    """Each suite's metric with its 95% CI per learner and estimator (points with error bars), failed cells out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name in SUITES if name in results]
+    names = list(results)
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 4.2), squeeze=False)
     for axis, name in zip(axes[0], names, strict=False):
         suite = SUITES[name]
         scale = 100.0 if suite.metric == "accuracy" else 1.0
         for offset, (learner, color) in enumerate(zip(LEARNERS, ("tab:blue", "tab:orange"), strict=True)):
-            rows = [
-                r
-                for r in results[name]
-                if r["learner"] == learner and suite.metric in r.get("metrics", {}) and not r.get("skipped_tasks")
-            ]  # a cell whose meta-parameters diverged (tasks skipped) would only squash the axis
+            rows = [r for r in results[name] if r["learner"] == learner and r["status"] == "ok"]
             positions = [list(ESTIMATORS).index(r["estimator"]) + 0.15 * (2 * offset - 1) for r in rows]
             axis.errorbar(
                 positions,
@@ -749,9 +1037,57 @@ def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
             axis.set_yscale("log")
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def curve_figure(results: dict[str, list[dict[str, Any]]], path: Path, by_time: bool) -> Path:
+    """Learning curves, one panel per suite (columns) and learner (rows): the metric with its 95% CI band against
+    training CPU seconds (``by_time``) or meta-steps, a line per estimator; cells that failed are dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(
+        len(LEARNERS), max(len(names), 1), figsize=(4.0 * max(len(names), 1), 3.6 * len(LEARNERS)), squeeze=False
+    )
+    colors = dict(zip(ESTIMATORS, plt.get_cmap("tab10").colors, strict=False))
+    for column, name in enumerate(names):
+        suite = SUITES[name]
+        scale = 100.0 if suite.metric == "accuracy" else 1.0
+        for row, learner in enumerate(LEARNERS):
+            axis = axes[row][column]
+            for result in (r for r in results[name] if r["learner"] == learner and r.get("curve")):
+                points = [p for p in result["curve"] if math.isfinite(p["metrics"].get(suite.metric, math.nan))]
+                x = [p["train_cpu_seconds"] if by_time else p["meta_step"] for p in points]
+                mean = [scale * p["metrics"][suite.metric] for p in points]
+                ci = [scale * p["metrics"][suite.metric + "_ci95"] for p in points]
+                color = colors[result["estimator"]]
+                style = "-" if result["status"] == "ok" else "--"
+                axis.plot(x, mean, style, marker="o", markersize=3, color=color, label=ESTIMATORS[result["estimator"]])
+                low = [m - c for m, c in zip(mean, ci, strict=True)]
+                high = [m + c for m, c in zip(mean, ci, strict=True)]
+                axis.fill_between(x, low, high, color=color, alpha=0.15)
+            axis.set_title(f"{suite.title}\n{LEARNERS[learner]}", fontsize=9)
+            axis.set_xlabel("meta-training CPU seconds (one thread)" if by_time else "meta-steps", fontsize=8)
+            axis.set_ylabel(
+                "query accuracy (%)" if suite.metric == "accuracy" else "meta-test MSE (log scale)", fontsize=8
+            )
+            if suite.metric != "accuracy":
+                axis.set_yscale("log")
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save ``fig`` to ``path`` (folders created) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -759,7 +1095,8 @@ def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]]:
     """The cells run again with overrides (``--set``) under each of ``folders``, as one table, and their JSONs.
 
-    Each row shows its overrides beyond the suite's config and the command that ran it.
+    Each row shows its overrides beyond the suite's config, its final metric and best curve point, and the
+    command that ran it.
     """
     rows, found = [], []
     for folder in folders:
@@ -783,15 +1120,16 @@ def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]
             step = result.get("seconds_per_meta_step")
             rows.append(
                 f"| {suite.title} | {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | "
-                f"{' '.join(f'`{o}`' for o in changed)} | {metric_cell(result, suite)} | "
+                f"{' '.join(f'`{o}`' for o in changed)} | {metric_cell(result, suite)} | {best_point(result, suite)} | "
                 f"{'' if step is None else f'{step:.3f}'} | {status_cell(result)} | `{command}` |"
             )
             found.append(result)
     header = [
         "## Variants: single cells with overrides",
         "",
-        "| suite | learner | estimator | overrides | metric ± 95% CI | s / meta-step | status | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| suite | learner | estimator | overrides | metric ± 95% CI | best point @ meta-step | s / meta-step | status "
+        "| command |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + rows), found
 
@@ -804,16 +1142,23 @@ def report(
     findings: Path | None = None,
     variants: Sequence[Path] = (),
 ) -> str:
-    """Render ``results_md`` (tables, command, machine, budgets, gradient quality), the figure and the merged JSON.
+    """Render ``results_md`` (tables, command, machine, budgets, gradient quality), the figures and the merged JSON.
 
+    One section per suite group that has results: equal meta-steps (``figure_path``), equal training time and
+    the longer runs (their learning curves in ``<figure_path stem>_equal_time.png`` and ``..._curves.png``).
     ``findings``, a hand-written markdown file, is included after the run's description when it exists; the
     cells under ``variants`` (other ``--out`` folders, run with ``--set`` overrides) get a table of their own.
     """
     results = load_results(out)
+    by_group = {group: {n: rows for n, rows in results.items() if SUITES[n].group == group} for group in GROUPS}
     info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
-    suites = info.get("suites", {name: asdict(suite) for name, suite in SUITES.items()})
-    figure(results, figure_path)
+    suites = {name: asdict(suite) for name, suite in SUITES.items()} | info.get("suites", {})
     host = info.get("machine", {})
+
+    def image(path: Path, text: str) -> str:
+        relative = path.relative_to(results_md.parent) if path.is_relative_to(results_md.parent) else None
+        return f"![{text}]({relative})" if relative is not None else f"Figure: `{path}`"
+
     lines = [
         "# Reproduction: learners x estimators under equal budgets",
         "",
@@ -831,33 +1176,78 @@ def report(
         "thread per process; each cell in a fresh process.",
         f"- seed: {info.get('seed', SEED)} for every cell (`seed_everything` and the data seed: the same meta-training "
         "tasks and the same fixed meta-test episodes for every estimator).",
-        "- equal budgets (per suite, every estimator; `Reptile` uses the same Adam outer optimizer on its "
-        "`theta - phi_T` meta-gradient):",
-        *(f"  {line}" for line in budget_lines(suites)),
         "- s / meta-step: mean wall-clock of the meta-steps after the first, measured inside the process "
         "(estimate, backward, outer update). Peak memory: the process's peak resident set size "
         "(`ru_maxrss`, nothing subtracted: it includes Python, torch and the data).",
+        "- learning curves: every trained cell evaluates the fixed meta-test episodes at its untrained start and at "
+        "regular points of meta-training (`LearningCurve`); evaluation time is excluded from the training clocks. "
+        '"best point": the curve\'s best point after the start, with its meta-step.',
+        f"- failed: a non-finite metric, a meta-test query loss above {DIVERGED_LOSS_FACTOR:g}x the untrained "
+        f"start's, or more than {MAX_SKIPPED_FRACTION:.0%} of the meta-training tasks skipped for inner-loop faults.",
         "- `untrained start`: the same network adapted from its untrained start on the same episodes "
         "(no meta-training).",
-        "",
-        f"![accuracy and MSE per estimator, cells that diverged left out]({figure_path.relative_to(results_md.parent)})"
-        if figure_path.is_relative_to(results_md.parent)
-        else f"Figure: `{figure_path}`",
-    ]
-    lines += [
-        "",
-        "## Where the symmetric contrastive rule stands",
-        "",
-        "Against each estimator, at the budgets below: ahead or behind when the 95% intervals do not overlap, "
-        "level when they do; in brackets the difference in accuracy points (Omniglot) or MSE (sinusoid; "
-        "positive: the contrastive rule is better).",
-        "",
-        standing_table(results),
     ]
     if findings is not None and findings.exists():
         lines += ["", findings.read_text().strip()]
-    for name, rows in results.items():
-        lines += ["", f"## {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
+    if by_group["steps"]:
+        lines += [
+            "",
+            "## Equal meta-steps",
+            "",
+            "Budgets (per suite, every estimator; `Reptile` uses the same Adam outer optimizer on its "
+            "`theta - phi_T` meta-gradient):",
+            *budget_lines(suites, by_group["steps"]),
+            "",
+            image(figure(by_group["steps"], figure_path), "accuracy and MSE per estimator, failed cells left out"),
+            "",
+            f"Where the default contrastive rule ({ESTIMATORS[DEFAULT_CONTRASTIVE]}) stands against each estimator: "
+            "ahead or behind when the 95% intervals do not overlap, level when they do; in brackets the difference "
+            "in accuracy points (Omniglot) or MSE (sinusoid; positive: the contrastive rule is better).",
+            "",
+            standing_table(by_group["steps"]),
+        ]
+        for name, rows in by_group["steps"].items():
+            lines += ["", f"### {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
+    if by_group["time"]:
+        curves = curve_figure(by_group["time"], figure_path.with_name(f"{figure_path.stem}_equal_time.png"), True)
+        lines += [
+            "",
+            "## Equal training time",
+            "",
+            "Every estimator meta-trains for the same training time per cell, measured as the process's CPU time "
+            "(one torch thread; evaluations excluded): the wall-clock it would take on a core of its own, which other "
+            "work on the shared cores does not change. The meta-test metric is evaluated on the same fixed episodes "
+            "at the start, at every fifth of the budget and at the end. Budgets:",
+            *budget_lines(suites, by_group["time"]),
+            "",
+            image(curves, "meta-test metric against meta-training time, per suite and learner"),
+            "",
+            f"Where {ESTIMATORS[DEFAULT_CONTRASTIVE]} stands at the end of the budget (as above):",
+            "",
+            standing_table(by_group["time"]),
+        ]
+        for name, rows in by_group["time"].items():
+            lines += ["", f"### {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
+    if by_group["long"]:
+        curves = curve_figure(by_group["long"], figure_path.with_name(f"{figure_path.stem}_curves.png"), False)
+        lines += [
+            "",
+            "## Longer meta-training",
+            "",
+            "Learning curves on the fixed meta-test episodes, a point every 50 meta-steps. Budgets:",
+            *budget_lines(suites, by_group["long"]),
+            "",
+            image(curves, "meta-test metric against meta-steps, per suite and learner"),
+        ]
+        for name, rows in by_group["long"].items():
+            lines += [
+                "",
+                f"### {SUITES[name].title}",
+                "",
+                curve_table(SUITES[name], rows),
+                "",
+                suite_table(SUITES[name], rows),
+            ]
     variant_results: list[dict[str, Any]] = []
     if variants:
         table, variant_results = variants_section(variants)
@@ -873,7 +1263,13 @@ def report(
 
 # ---------------------------------------------------------------------------------------------- command line
 def select(only: str | None, learners: str | None, estimators: str | None) -> list[Cell]:
-    """The cells the filters keep (comma-separated names; ``None`` keeps all)."""
+    """The cells the filters keep (comma-separated names; ``None`` keeps all learners and estimators).
+
+    ``only`` names suites and suite groups (``steps``, ``time``, ``long``); ``None`` keeps the ``steps`` and
+    ``time`` groups (the ``long`` group is run on request).
+    """
+    names = (only or "steps,time").split(",")
+    suites = {name for name, suite in SUITES.items() if name in names or suite.group in names}
 
     def keep(value: str, allowed: str | None) -> bool:
         return allowed is None or value in allowed.split(",")
@@ -881,7 +1277,7 @@ def select(only: str | None, learners: str | None, estimators: str | None) -> li
     return [
         cell
         for cell in all_cells()
-        if keep(cell.suite, only) and keep(cell.learner, learners) and keep(cell.estimator, estimators)
+        if cell.suite in suites and keep(cell.learner, learners) and keep(cell.estimator, estimators)
     ]
 
 
@@ -892,7 +1288,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, help="cells run at once, one process each (default 2)")
     parser.add_argument("--smoke", action="store_true", help=f"tiny budgets ({SMOKE}) to check the orchestration")
-    parser.add_argument("--only", help=f"comma-separated suites among {[*SUITES, GRADIENT_QUALITY]}")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated suites or groups among {[*GROUPS, *SUITES, GRADIENT_QUALITY]} (default: steps,time and "
+        f"{GRADIENT_QUALITY})",
+    )
     parser.add_argument("--learners", help=f"comma-separated among {list(LEARNERS)}")
     parser.add_argument("--estimators", help=f"comma-separated among {list(ESTIMATORS)}")
     parser.add_argument(
@@ -910,7 +1310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run-cell", nargs=3, metavar=("SUITE", "LEARNER", "ESTIMATOR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for option, names in (
-        ("--only", [*SUITES, GRADIENT_QUALITY]),
+        ("--only", [*GROUPS, *SUITES, GRADIENT_QUALITY]),
         ("--learners", LEARNERS),
         ("--estimators", ESTIMATORS),
     ):

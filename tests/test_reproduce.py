@@ -1,11 +1,14 @@
-"""benchmarks/reproduce.py end to end at its smoke budget: cells in subprocesses, n/a, failure, resume, report."""
+"""benchmarks/reproduce.py end to end at its smoke budget: cells in subprocesses, learning curves, equal time, n/a,
+failure, resume (between cells and inside one), the failure rule, and the report."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,42 +27,96 @@ def reproduce():
     del sys.modules["reproduce"]
 
 
+def table_rows(text: str, suite_title: str) -> dict[tuple[str, str], list[str]]:
+    """The rows of the suite table under ``### suite_title``: (learner, estimator) -> the other cells."""
+    section = text.split(f"### {suite_title}\n", 1)[1].strip().split("\n\n", 1)[0]
+    return {
+        tuple(cells[:2]): cells[2:]
+        for line in section.splitlines()[2:]
+        for cells in [[cell.strip() for cell in line.strip("|").split(" | ")]]
+    }
+
+
 def test_committed_configs_are_the_generated_ones(reproduce) -> None:
     """configs/reproduce/ is what --write-configs writes from SUITES: a cell rerun by hand is the cell of the table."""
     cells = reproduce.all_cells()
-    assert len(cells) == 4 * (2 * 7 + 1)  # suites x (learners x 7 cells + Reptile with fixed strengths)
+    # steps: 5 suites x (2 learners x 8 cells + Reptile with fixed strengths); time: 5 x (6 + 5); long: 2 x 2 x 4.
+    assert len(cells) == 5 * (2 * 8 + 1) + 5 * (6 + 5) + 2 * 2 * 4
     for cell in cells:
         assert cell.config.read_text() == reproduce.config_text(cell), f"rerun --write-configs ({cell.config})"
+    linear = reproduce.cell_config(reproduce.Cell("omniglot_20way_equal_time", "dual_system", "contrastive_linear"))
+    arguments = linear["model"]["estimator"]["init_args"]
+    assert arguments["nudge"] == "linear" and arguments["nudged_steps"] == arguments["inner_steps"] == 10
+    (curve,) = linear["trainer"]["callbacks"]
+    assert curve["init_args"] == {
+        "every_n_steps": None,
+        "every_seconds": 48.0,
+        "max_train_seconds": 240.0,
+        "clock": "cpu",
+    }
+    long = reproduce.cell_config(reproduce.Cell("omniglot_20way_alphabet_long", "complex_synapse", "maml"))
+    assert long["trainer"]["max_steps"] == 600 and long["trainer"]["callbacks"][0]["init_args"]["every_n_steps"] == 50
+    assert long["data"]["init_args"]["split_by"] == "alphabet" and long["data"]["init_args"]["num_train_tasks"] == 1200
 
 
 def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(reproduce, tmp_path, capsys) -> None:
     out = tmp_path / "results"
-    common = ["--smoke", "--out", str(out), "--only", "sinusoid_5shot", "--workers", "2"]
-    reproduce.main(
-        [*common, "--learners", "complex_synapse", "--estimators", "contrastive_symmetric,reptile,untrained"]
-    )
+    common = ["--smoke", "--out", str(out), "--workers", "2"]
+    steps = [*common, "--only", "sinusoid_5shot", "--learners", "complex_synapse"]
+    reproduce.main([*steps, "--estimators", "contrastive_symmetric,reptile,untrained"])
     # A forced failure: an invalid data setting makes the cell's process raise; the reproduction goes on.
-    reproduce.main([*common, "--learners", "dual_system", "--estimators", "maml", "--set=--data.shots=0"])
-    done = sorted(path.name for path in (out / "sinusoid_5shot").glob("*.json"))
+    reproduce.main(
+        [
+            *common,
+            "--only",
+            "sinusoid_5shot",
+            "--learners",
+            "dual_system",
+            "--estimators",
+            "maml",
+            "--set=--data.shots=0",
+        ]
+    )
+    # Equal time: MAML and the symmetric rule for the same (smoke) budget of CPU time.
+    reproduce.main([*common, "--only", "sinusoid_5shot_equal_time", "--learners", "complex_synapse", "--estimators",
+                    "maml,contrastive_symmetric"])  # fmt: skip
+    done = sorted(str(path.relative_to(out)) for path in out.glob("*/*.json"))
     assert done == [
-        "complex_synapse__contrastive_symmetric.json",
-        "complex_synapse__reptile.json",
-        "complex_synapse__untrained.json",
-        "dual_system__maml.json",
+        "sinusoid_5shot/complex_synapse__contrastive_symmetric.json",
+        "sinusoid_5shot/complex_synapse__reptile.json",
+        "sinusoid_5shot/complex_synapse__untrained.json",
+        "sinusoid_5shot/dual_system__maml.json",
+        "sinusoid_5shot_equal_time/complex_synapse__contrastive_symmetric.json",
+        "sinusoid_5shot_equal_time/complex_synapse__maml.json",
     ]
+    assert not list(out.glob("*/*.ckpt"))  # each finished cell deleted its resume checkpoint
     trained = out / "sinusoid_5shot" / "complex_synapse__contrastive_symmetric.json"
     before = trained.stat().st_mtime_ns
     capsys.readouterr()
-    reproduce.main(
-        [*common, "--learners", "complex_synapse", "--estimators", "contrastive_symmetric,reptile,untrained"]
-    )
+    reproduce.main([*steps, "--estimators", "contrastive_symmetric,reptile,untrained"])
     assert "3 of 3 cells already done" in capsys.readouterr().out
     assert trained.stat().st_mtime_ns == before  # resumed: nothing rerun
+
+    # The learning curve: the untrained start, then every meta-step at the smoke budget; the last point is the result.
+    cell = json.loads(trained.read_text())
+    untrained = json.loads((out / "sinusoid_5shot" / "complex_synapse__untrained.json").read_text())
+    assert [point["meta_step"] for point in cell["curve"]] == [0, 1, 2, 3] and cell["meta_steps"] == 3
+    assert cell["curve"][0]["metrics"] == pytest.approx(untrained["metrics"], rel=1e-5)  # the same start
+    assert cell["curve"][-1]["metrics"] == cell["metrics"]
+    assert all(point["episodes"] == reproduce.SMOKE["eval_tasks"] for point in cell["curve"])
+    budget = reproduce.SMOKE["train_seconds"]
+    for name in ("maml", "contrastive_symmetric"):
+        timed = json.loads((out / "sinusoid_5shot_equal_time" / f"complex_synapse__{name}.json").read_text())
+        seconds = [point["train_cpu_seconds"] for point in timed["curve"]]
+        assert seconds == sorted(seconds) and seconds[0] < budget / 2
+        # Stopped by the budget (checked after each meta-step), or by the smoke cap of 10 x 3 meta-steps.
+        assert seconds[-1] >= budget or timed["meta_steps"] == 10 * reproduce.SMOKE["meta_steps"]
+        assert timed["status"] == "ok" and timed["train_cpu_seconds"] == seconds[-1]
 
     # A variant: one cell again with an override, in a folder of its own, reported in a table of its own.
     variant = tmp_path / "variant"
     variant_common = ["--smoke", "--out", str(variant), "--only", "sinusoid_5shot", "--learners", "complex_synapse"]
-    reproduce.main([*variant_common, "--estimators", "untrained", "--set=--data.test_shots=3"])
+    reproduce.main([*variant_common, "--estimators", "contrastive_symmetric", "--set=--data.test_shots=3"])
 
     results_md, figure = tmp_path / "RESULTS.md", tmp_path / "docs" / "accuracy.png"
     merged = tmp_path / "docs" / "results.json"
@@ -70,15 +127,11 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
     text = results_md.read_text()
     assert "## Findings\n\nHand-written." in text
     (variant_row,) = [line for line in text.splitlines() if "`--data.test_shots=3`" in line]
-    assert variant_row.startswith("| Sinusoid regression, 5 shots | ComplexSynapse | untrained start |")
-    assert re.search(r"\| \d+\.\d+ ± \d+\.\d+ \|", variant_row)
+    assert variant_row.startswith("| Sinusoid regression, 5 shots | ComplexSynapse | Contrastive symmetric |")
+    assert re.search(r"\| \d+\.\d+ ± \d+\.\d+ \| \d+\.\d+ ± \d+\.\d+ @ [123] \|", variant_row)  # final, best point
     assert figure.stat().st_size > 0 and merged.stat().st_size > 0
-    rows = {
-        tuple(cells[:2]): cells[2:]
-        for line in text.splitlines()
-        if line.startswith("| ComplexSynapse") or line.startswith("| DualSystem")
-        for cells in [[cell.strip() for cell in line.strip("|").split(" | ")]]
-    }
+    assert (tmp_path / "docs" / "accuracy_equal_time.png").stat().st_size > 0
+    rows = table_rows(text, "Sinusoid regression, 5 shots")
     assert list(rows) == [
         ("ComplexSynapse", "untrained start"),
         ("ComplexSynapse", "Contrastive symmetric"),
@@ -86,44 +139,107 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
         ("DualSystem", "MAML"),
     ]
     for key in [("ComplexSynapse", "untrained start"), ("ComplexSynapse", "Contrastive symmetric")]:
-        metric, _, rss, status = rows[key]
+        metric, _, _, _, rss, status = rows[key]
         mean, ci = (float(value) for value in re.fullmatch(r"(\S+) ± (\S+)", metric).groups())
         assert mean > 0 and ci > 0 and float(rss) > 100 and status.startswith("ok")
-    assert float(rows[("ComplexSynapse", "Contrastive symmetric")][1]) > 0  # seconds per meta-step
-    assert rows[("ComplexSynapse", "untrained start")][1] == ""  # no meta-step was taken
-    refusal = rows[("ComplexSynapse", "Reptile")][3]
+    best, meta_steps, step = rows[("ComplexSynapse", "Contrastive symmetric")][1:4]
+    assert re.fullmatch(r"\S+ ± \S+ @ [123]", best) and meta_steps == "3" and float(step) > 0
+    assert rows[("ComplexSynapse", "untrained start")][1:4] == ["", "", ""]  # no meta-step was taken
+    refusal = rows[("ComplexSynapse", "Reptile")][5]
     assert (
         refusal.startswith("n/a: Reptile is defined only") and "lambda." in refusal and "learn_lambda=False" in refusal
     )
-    assert rows[("DualSystem", "MAML")][3].startswith("failed: ValueError")
+    assert rows[("DualSystem", "MAML")][5].startswith("failed: ValueError")
     failure = json.loads((out / "sinusoid_5shot" / "dual_system__maml.json").read_text())
     assert failure["status"] == "failed" and "shots" in failure["reason"]
+    timed = table_rows(text, "Sinusoid regression, 5 shots, equal time")
+    assert list(timed) == [("ComplexSynapse", "Contrastive symmetric"), ("ComplexSynapse", "MAML")]
+    assert "## Equal training time" in text and "CPU time" in text and "## Longer meta-training" not in text
     assert "Sinusoid regression, 5 shots" in text and "--smoke" in text and "torch" in text
     assert "## Gradient quality" in text
 
 
+def test_a_cell_interrupted_in_meta_training_resumes_from_its_last_curve_point(reproduce, tmp_path) -> None:
+    """Kill a cell's process once it has saved a checkpoint; run it again: its curve and its clock continue."""
+    out = tmp_path / "results"
+    cell = reproduce.Cell("sinusoid_5shot_equal_time", "complex_synapse", "maml")
+    budget = ["--trainer.callbacks.init_args.max_train_seconds=2", "--trainer.callbacks.init_args.every_seconds=0.3"]
+    overrides = [*reproduce.smoke_overrides(cell), "--trainer.max_steps=100000", *budget]
+    command = [sys.executable, str(SCRIPT), "--run-cell", cell.suite, cell.learner, cell.estimator, "--out", str(out)]
+    command += [f"--set={override}" for override in overrides]
+    checkpoint, result = cell.result_path(out).with_suffix(".ckpt"), cell.result_path(out)
+    process = subprocess.Popen(command, env=reproduce.worker_environment(), cwd=REPOSITORY, stdout=subprocess.DEVNULL)
+    try:
+        while not checkpoint.exists() and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)  # past the rename: the checkpoint is whole
+    finally:
+        process.kill()
+        process.wait()
+    assert checkpoint.exists() and not result.exists(), "the cell finished before it could be interrupted"
+    subprocess.run(command, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True)
+    resumed = json.loads(result.read_text())
+    assert resumed["status"] == "ok" and resumed["resumed_at_step"] > 0
+    steps = [point["meta_step"] for point in resumed["curve"]]
+    seconds = [point["train_cpu_seconds"] for point in resumed["curve"]]
+    assert steps[0] == 0 and steps == sorted(set(steps)) and seconds == sorted(seconds)
+    assert resumed["resumed_at_step"] in steps and seconds[-1] >= 2.0
+    assert not checkpoint.exists()
+
+
+def test_absurd_results_are_failures_not_ok(reproduce, tmp_path) -> None:
+    """Issue 16 item 8: RESULTS.md called a meta-test MSE of 1.15e+22 with 76 of 3000 tasks skipped "ok"."""
+
+    def result(loss: float, skipped: float = 0.0, status: str = "ok") -> dict:
+        metrics = {"query_loss": loss, "query_loss_ci95": 0.1}
+        return {"status": status, "reason": "", "metrics": metrics, "meta_steps": 600, "skipped_tasks": skipped}
+
+    judge = reproduce.judge
+    diverged = judge(result(1.15e22, skipped=76), untrained_loss=6.70, meta_batch=5)
+    assert diverged == (
+        "failed",
+        "diverged: meta-test query loss 1.15e+22 is more than 10x the untrained start's (6.7)",
+    )
+    assert judge(result(66.0), 6.70, 5)[0] == "ok" and judge(result(68.0), 6.70, 5)[0] == "failed"  # the 10x line
+    assert judge(result(float("nan")), 6.70, 5) == ("failed", "diverged: non-finite query_loss")
+    # 3 of 3000 tasks skipped is noise; 151 (over 5%) means the meta-gradient averaged only the tasks that survived.
+    assert judge(result(1.7, skipped=3), 6.70, 5) == ("ok", "")
+    assert judge(result(1.7, skipped=151), 6.70, 5) == (
+        "failed",
+        "unstable: 151 of 3000 meta-training tasks skipped (more than 5%)",
+    )
+    assert judge(result(1e9), None, 5)[0] == "ok"  # no untrained start to compare with: only the other rules
+    refused = {**result(1.0, status="n/a"), "reason": "Reptile is defined only ..."}
+    assert judge(refused, 6.70, 5) == ("n/a", "Reptile is defined only ...")
+
+    # A JSON written before the rule (no curve): judged in the report against the suite's untrained cell.
+    folder = tmp_path / "sinusoid_5shot"
+    folder.mkdir()
+    old = {"suite": "sinusoid_5shot", "learner": "complex_synapse", "estimator": "contrastive_one_sided"}
+    (folder / "complex_synapse__contrastive_one_sided.json").write_text(json.dumps({**old, **result(1.15e22, 76)}))
+    start = {**old, "estimator": "untrained", **result(6.70), "meta_steps": 0}
+    (folder / "complex_synapse__untrained.json").write_text(json.dumps(start))
+    rows = reproduce.load_results(tmp_path)["sinusoid_5shot"]
+    assert [row["status"] for row in rows] == ["ok", "failed"]
+    assert reproduce.status_cell(rows[1]).startswith("failed: diverged: meta-test query loss 1.15e+22")
+
+
 def test_standing_calls_ahead_behind_and_level_by_the_confidence_intervals(reproduce) -> None:
-    def cell(estimator: str, mean: float, ci: float, skipped: float = 0.0) -> dict:
+    def cell(estimator: str, mean: float, ci: float, status: str = "ok") -> dict:
         metrics = {"accuracy": mean, "accuracy_ci95": ci, "query_loss": mean, "query_loss_ci95": ci}
-        return {
-            "learner": "complex_synapse",
-            "estimator": estimator,
-            "status": "ok",
-            "metrics": metrics,
-            "skipped_tasks": skipped,
-        }
+        return {"learner": "complex_synapse", "estimator": estimator, "status": status, "metrics": metrics}
 
     omniglot = [
-        cell("contrastive_symmetric", 0.80, 0.01),
+        cell("contrastive_linear", 0.80, 0.01),
         cell("maml", 0.83, 0.01),  # 3 points higher, intervals apart: behind
         cell("implicit", 0.815, 0.01),  # intervals overlap: level
         cell("fomaml", 0.70, 0.01),
-        cell("contrastive_one_sided", 0.05, 0.01, skipped=4),
+        cell("contrastive_symmetric", 0.05, 0.01, status="failed"),
     ]
-    sinusoid = [cell("contrastive_symmetric", 1.0, 0.1), cell("maml", 2.0, 0.1)]  # lower MSE is better
+    sinusoid = [cell("contrastive_linear", 1.0, 0.1), cell("maml", 2.0, 0.1)]  # lower MSE is better
     table = reproduce.standing_table({"omniglot_5way": omniglot, "sinusoid_5shot": sinusoid})
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[2:] for line in table.splitlines()[2:]}
-    maml, implicit, fomaml, reptile, one_sided = (entry.strip(" |") for entry in rows["Omniglot 5-way 1-shot"])
-    assert (maml, implicit, fomaml, reptile) == ("behind (-3.0)", "level (-1.5)", "ahead (+10.0)", "n/a")
-    assert one_sided == "it diverged (4 tasks skipped)"
-    assert rows["Sinusoid regression, 5 shots"][0] == "ahead (+1.000)"
+    header, _, *lines = table.splitlines()
+    assert header == "| suite | learner | MAML | Implicit | FirstOrderMAML | Contrastive symmetric |"
+    rows = {line.split(" | ")[0].strip("| "): [e.strip(" |") for e in line.split(" | ")[2:]] for line in lines}
+    assert rows["Omniglot 5-way 1-shot"] == ["behind (-3.0)", "level (-1.5)", "ahead (+10.0)", "failed"]
+    assert rows["Sinusoid regression, 5 shots"] == ["ahead (+1.000)", "not run", "not run", "not run"]

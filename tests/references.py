@@ -166,8 +166,8 @@ def first_order_maml(problem: Problem, theta: Params, *, steps: int, lr: float, 
     phi_t = heavy_ball(lambda phi: problem.inner(phi, frozen), problem.start(frozen), steps, lr, momentum)
     leaves = {name: p.clone().requires_grad_() for name, p in phi_t.items()}
     live = {name: p.clone().requires_grad_() for name, p in frozen.items()}
-    query = problem.query(leaves, live)
-    query_grad, direct = gradient(query, leaves), gradient(query, live)
+    both = gradient(problem.query(leaves, live), {**{f"phi:{n}": p for n, p in leaves.items()}, **live})
+    query_grad, direct = {n: both[f"phi:{n}"] for n in leaves}, {n: both[n] for n in live}
     start = problem.start(live)
     through_start = gradient(sum((start[n] * query_grad[n]).sum() for n in start), live)
     return {name: direct[name] + through_start[name] for name in live}

@@ -40,7 +40,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 
 PACKAGE = "lightning_contrastive"
 MIRROR = f"{PACKAGE}.lightning"
@@ -77,8 +77,10 @@ class _RewritingLoader(importlib.abc.Loader):
         return None  # the default module object
 
     def exec_module(self, module: ModuleType) -> None:
-        source = rewrite_for_lightning(self.origin.read_text(encoding="utf-8"))
-        exec(compile(source, str(self.origin), "exec", dont_inherit=True), module.__dict__)
+        exec(self.get_code(module.__name__), module.__dict__)
+
+    def get_code(self, fullname: str) -> CodeType:  # also what `python -m` runs
+        return compile(self.get_source(fullname), str(self.origin), "exec", dont_inherit=True)
 
     def get_source(self, fullname: str) -> str:
         return rewrite_for_lightning(self.origin.read_text(encoding="utf-8"))

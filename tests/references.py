@@ -34,6 +34,9 @@ def detach(params: Params) -> Params:
 
 
 def gradient(loss: Tensor, params: Params, *, create_graph: bool = False) -> Params:
+    """``d loss / d params``, zero where ``loss`` does not depend on a parameter."""
+    if not loss.requires_grad:
+        return {name: torch.zeros_like(p) for name, p in params.items()}
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
     return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads, strict=True)}
 
@@ -173,11 +176,12 @@ def first_order_maml(problem: Problem, theta: Params, *, steps: int, lr: float, 
     return {name: direct[name] + through_start[name] for name in live}
 
 
-def exact(problem: Problem, theta: Params, phi: Params) -> Params:
+def exact(problem: Problem, theta: Params, phi: Params, damping: float = 0.0) -> Params:
     """The implicit-function-theorem meta-gradient at ``phi`` from dense matrices:
-    ``g = dL_query/dtheta - J^T H^-1 dL_query/dphi``, ``H = d^2 L_in/dphi^2``, ``J = d^2 L_in/dphi dtheta``.
+    ``g = dL_query/dtheta - J^T (H + damping I)^-1 dL_query/dphi``, ``H = d^2 L_in/dphi^2``,
+    ``J = d^2 L_in/dphi dtheta``.
 
-    The derivative of ``L_query(phi*(theta), theta)`` when ``phi`` is the inner minimum ``phi*(theta)``.
+    Undamped, the derivative of ``L_query(phi*(theta), theta)`` when ``phi`` is the inner minimum ``phi*(theta)``.
     """
     theta_0, phi_0 = flat(theta).detach(), flat(phi).detach()
 
@@ -190,7 +194,8 @@ def exact(problem: Problem, theta: Params, phi: Params) -> Params:
     hessian = torch.func.hessian(inner, argnums=0)(phi_0, theta_0)
     mixed = torch.func.jacrev(torch.func.grad(inner, argnums=0), argnums=1)(phi_0, theta_0)  # (phi, theta)
     query_phi, query_theta = torch.func.grad(query, argnums=(0, 1))(phi_0, theta_0)
-    return unflat(query_theta - mixed.T @ torch.linalg.solve(hessian, query_phi), theta)
+    damped = hessian + damping * torch.eye(len(phi_0), dtype=hessian.dtype)
+    return unflat(query_theta - mixed.T @ torch.linalg.solve(damped, query_phi), theta)
 
 
 def solution(problem: Problem, theta: Params) -> Params:

@@ -79,7 +79,8 @@ def heavy_ball(
 
 
 def newton(objective: Callable[[Params], Tensor], start: Params, steps: int = 30) -> Params:
-    """A minimum of ``objective`` to float64 precision by Newton's method with a dense Hessian (tiny problems)."""
+    """Polish ``start``, near a minimum of ``objective``, to float64 precision by Newton's method with a dense
+    Hessian (tiny problems). Raises ``AssertionError`` unless it ends at a minimum (zero gradient, Hessian > 0)."""
     vector = flat(start).detach()
 
     def flat_objective(v: Tensor) -> Tensor:
@@ -87,9 +88,11 @@ def newton(objective: Callable[[Params], Tensor], start: Params, steps: int = 30
 
     for _ in range(steps):
         grad = torch.func.grad(flat_objective)(vector)
-        if grad.norm() < 1e-13:
+        if grad.norm() < 1e-12:
             break
         vector = vector - torch.linalg.solve(torch.func.hessian(flat_objective)(vector), grad)
+    assert torch.func.grad(flat_objective)(vector).norm() < 1e-10, "Newton's method did not converge"
+    assert torch.linalg.eigvalsh(torch.func.hessian(flat_objective)(vector)).min() > 0, "not a minimum"
     return unflat(vector, start)
 
 
@@ -198,19 +201,30 @@ def exact(problem: Problem, theta: Params, phi: Params, damping: float = 0.0) ->
     return unflat(query_theta - mixed.T @ torch.linalg.solve(damped, query_phi), theta)
 
 
-def solution(problem: Problem, theta: Params) -> Params:
-    """``phi*(theta)``: the inner minimum, by Newton's method from the start."""
+def solution(problem: Problem, theta: Params, descent: tuple[int, float, float] = (0, 0.0, 0.0)) -> Params:
+    """``phi*(theta)``: the inner minimum, by Newton's method from the start, or from ``steps`` heavy-ball steps
+    (``descent = (steps, lr, momentum)``) where Newton from the start would not find the minimum descent finds."""
     frozen = detach(theta)
-    return newton(lambda phi: problem.inner(phi, frozen), problem.start(frozen))
+    start = problem.start(frozen)
+    steps, lr, momentum = descent
+    if steps:
+        start = heavy_ball(lambda phi: problem.inner(phi, frozen), start, steps, lr, momentum)
+    return newton(lambda phi: problem.inner(phi, frozen), start)
 
 
-def finite_difference(problem: Problem, theta: Params, direction: Params, step: float = 1e-5) -> float:
+def finite_difference(
+    problem: Problem,
+    theta: Params,
+    direction: Params,
+    step: float = 1e-5,
+    descent: tuple[int, float, float] = (0, 0, 0),
+) -> float:
     """``d/ds L_query(phi*(theta + s d), theta + s d)`` at ``s = 0`` by central differences, re-solving the inner
     problem to float64 precision at each point (error O(step^2) plus solver precision over ``step``)."""
 
     def outer(s: float) -> float:
         moved = {name: theta[name].detach() + s * direction[name] for name in theta}
-        return float(problem.query(solution(problem, moved), moved))
+        return float(problem.query(solution(problem, moved, descent), moved))
 
     return (outer(step) - outer(-step)) / (2 * step)
 

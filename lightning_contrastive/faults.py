@@ -9,14 +9,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_contrastive.estimators.base import TaskEstimate
 from lightning_contrastive.tasks import Task
+
+if TYPE_CHECKING:  # estimators import this module for SOLVE
+    from lightning_contrastive.estimators.base import TaskEstimate
 
 ESTIMATE = "estimate"
 """The name under which a non-finite surrogate is reported when every phase the estimator flagged was sound."""
+SOLVE = "solve"
+"""The name under which ``Implicit`` reports a failed conjugate-gradient solve (not an inner phase of its own)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,11 @@ class InnerFault:
         """One line: the task, the phase, what went wrong and, where the data is at fault, which tensor."""
         if self.phase == ESTIMATE:
             what = "the estimate is NaN or inf although every inner phase stayed finite"
+        elif self.phase == SOLVE:
+            what = (
+                "conjugate gradient met non-positive curvature or a growing residual, so phi* is not a minimum of "
+                "L_in and the implicit gradient is meaningless (more inner steps, or Implicit(cg_damping > 0))"
+            )
         elif math.isfinite(self.final_objective):
             what = f"phase {self.phase!r} diverged (its objective ended at {self.final_objective:.4g})"
         else:

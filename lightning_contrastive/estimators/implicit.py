@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from lightning_contrastive.estimators.base import TaskEstimate
+from lightning_contrastive.estimators.base import TaskEstimate, detached
 from lightning_contrastive.estimators.maml import _InnerStepsEstimator
+from lightning_contrastive.faults import SOLVE
 from lightning_contrastive.inner import check_steps
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Task
@@ -28,11 +30,22 @@ class Implicit(_InnerStepsEstimator):
     ``lambda (lambda I + H_support)^-1 dL_query/dphi``). ``w = H^-1 dL_query/dphi`` is found by
     ``cg_steps`` iterations of conjugate gradient on ``(H + cg_damping I) w = dL_query/dphi``, and the
     surrogate ``S = L_query(phi*, theta) - <dL_in/dphi(phi*, theta), sg w>`` has ``dS/dtheta = g``.
-    Assumes ``phi*`` is a minimum (``H`` positive definite). Memory is one double-backward graph of
-    the inner loss, whatever ``inner_steps`` is.
+    Memory is one double-backward graph of the inner loss, whatever ``inner_steps`` is.
+
+    The theorem assumes ``phi*`` is a minimum (``H`` positive definite). Where it is not (an unconverged or
+    indefinite point), conjugate gradient meets a direction of non-positive curvature or its residual grows,
+    and its answer is arbitrary: either is reported as a fault of phase ``"solve"`` (see ``TaskEstimate.faults``),
+    so the module's ``on_inner_fault`` policy stops or skips the task. ``cg_damping > 0`` makes ``H + cg_damping I``
+    positive definite wherever ``H``'s eigenvalues exceed ``-cg_damping``, at the price of a bias; it stays 0 by
+    default, so that the estimate is the theorem's. Measured: on the float64 tanh MLP of
+    ``benchmarks/gradient_quality.py`` (no faults at any damping), damping 0.01 / 0.1 / 1 leaves relative errors
+    of 1.2e-2 / 1.1e-1 / 4.4e-1 to the exact meta-gradient at 100 inner steps, against 1.5e-8 undamped. On the
+    sinusoid ReLU MLP (1-40-40-1, lambda 1, lr 0.005) the inner Hessian is indefinite at 70% of tasks after 100
+    inner steps (96% after 10), and damping 1 cuts that to 15% (86%): ReLU networks need damping or the skip
+    policy with this estimator.
     """
 
-    batchable = False  # conjugate gradient stops early on a host read of the residual
+    batchable = True  # conjugate gradient runs its fixed number of iterations without reading values on the host
 
     def __init__(
         self,
@@ -51,27 +64,55 @@ class Implicit(_InnerStepsEstimator):
 
     def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
         phase = self.adapt(learner, meta, task.support)
-        solution = {name: p.detach().requires_grad_() for name, p in phase.params.items()}
-        fast = list(solution.values())
+        solution = detached(phase.params)
+        frozen = detached(meta)
+
+        def inner_gradient(fast: Params, theta: Params) -> Params:
+            return torch.func.grad(lambda phi: learner.inner_loss(phi, theta, task.support))(fast)
+
         with torch.enable_grad():
-            query_loss = learner.query_loss(solution, meta, task.query)
-            query_grad = torch.autograd.grad(query_loss, fast, retain_graph=True)
-            inner_grad = torch.autograd.grad(learner.inner_loss(solution, meta, task.support), fast, create_graph=True)
+            # Reverse over reverse: one graph of the inner gradient, reused by every Hessian-vector product.
+            _, hessian_vector_product = torch.func.vjp(lambda phi: inner_gradient(phi, frozen), solution)
 
-            def damped_hvp(vectors: Vectors) -> Vectors:
-                products = torch.autograd.grad(inner_grad, fast, grad_outputs=vectors, retain_graph=True)
-                return [hv + self.cg_damping * v for hv, v in zip(products, vectors, strict=True)]
+        def damped_hvp(vectors: Vectors) -> Vectors:
+            (products,) = hessian_vector_product(dict(zip(solution, vectors, strict=True)))
+            return [products[name] + self.cg_damping * v for name, v in zip(solution, vectors, strict=True)]
 
-            solved = conjugate_gradient(damped_hvp, [g.detach() for g in query_grad], self.cg_steps)
-            surrogate = query_loss - sum((g * w).sum() for g, w in zip(inner_grad, solved, strict=True))
-        return TaskEstimate.from_phases(surrogate, phase.params, {"free": phase})
+        with torch.enable_grad():
+            query_grad = torch.func.grad(lambda phi: learner.query_loss(phi, frozen, task.query))(solution)
+            solved = conjugate_gradient(damped_hvp, list(query_grad.values()), self.cg_steps)
+            mixed = inner_gradient(solution, meta)  # live in theta: <dL_in/dphi, sg w> differentiates to the mixed term
+            surrogate = learner.query_loss(solution, meta, task.query) - sum(
+                (mixed[name] * w).sum() for name, w in zip(solution, solved.solution, strict=True)
+            )
+        found = TaskEstimate.from_phases(surrogate, phase.params, {"free": phase})
+        return replace(found, faults={**found.faults, SOLVE: solved.failed})
 
 
-def conjugate_gradient(matvec: Callable[[Vectors], Vectors], rhs: Sequence[Tensor], steps: int) -> Vectors:
+@dataclass(frozen=True)
+class ConjugateGradientResult:
+    """What :func:`conjugate_gradient` found.
+
+    Attributes:
+        solution: the approximate solution, one tensor per parameter.
+        failed: a boolean scalar tensor, True when an iteration met a direction of non-positive curvature
+            (``p^T A p <= 0``: ``A`` is not positive definite there) or the final residual is larger than the
+            right-hand side (the iteration diverged); the solution is then meaningless.
+    """
+
+    solution: Vectors
+    failed: Tensor
+
+
+def conjugate_gradient(
+    matvec: Callable[[Vectors], Vectors], rhs: Sequence[Tensor], steps: int
+) -> ConjugateGradientResult:
     """Solve ``A x = rhs`` for symmetric positive definite ``A`` given only ``matvec(v) = A v``.
 
-    Runs at most ``steps`` iterations from ``x = 0`` and stops early once the residual has fallen
-    to machine precision relative to ``rhs``. Vectors are lists of tensors (one per parameter).
+    Runs exactly ``steps`` iterations from ``x = 0``; once the residual has fallen to machine precision relative
+    to ``rhs`` (or an iteration failed) the remaining ones leave ``x`` unchanged. Nothing is read on the host, so
+    no iteration waits for an accelerator and the solve runs under ``torch.func.vmap``. Vectors are lists of
+    tensors (one per parameter).
     """
 
     def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -81,15 +122,20 @@ def conjugate_gradient(matvec: Callable[[Vectors], Vectors], rhs: Sequence[Tenso
     residual = [r.clone() for r in rhs]
     direction = [r.clone() for r in rhs]
     residual_norm = dot(residual, residual)
-    floor = float(residual_norm) * torch.finfo(residual_norm.dtype).eps ** 2
+    floor = residual_norm * torch.finfo(residual_norm.dtype).eps ** 2
+    failed = torch.zeros_like(residual_norm, dtype=torch.bool)
     for _ in range(steps):
-        if float(residual_norm) <= floor:
-            break
         product = matvec(direction)
-        step = residual_norm / dot(direction, product)
+        curvature = dot(direction, product)
+        active = (residual_norm > floor) & ~failed
+        failed = failed | (active & ~(curvature > 0))
+        active = active & ~failed
+        step = torch.where(active, residual_norm / torch.where(active, curvature, 1.0), 0.0)
         solution = [x + step * d for x, d in zip(solution, direction, strict=True)]
         residual = [r - step * p for r, p in zip(residual, product, strict=True)]
         new_norm = dot(residual, residual)
-        direction = [r + (new_norm / residual_norm) * d for r, d in zip(residual, direction, strict=True)]
-        residual_norm = new_norm
-    return solution
+        ratio = torch.where(active, new_norm / torch.where(active, residual_norm, 1.0), 0.0)
+        direction = [torch.where(active, r + ratio * d, d) for r, d in zip(residual, direction, strict=True)]
+        residual_norm = torch.where(active, new_norm, residual_norm)
+    failed = failed | ~(residual_norm <= dot(rhs, rhs))  # grew past the right-hand side, or NaN
+    return ConjugateGradientResult(solution, failed)

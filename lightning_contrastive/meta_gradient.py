@@ -43,23 +43,36 @@ def compute_dtype(learner: Learner, estimator: Estimator | None = None) -> torch
     return torch.promote_types(dtype, torch.float32 if estimator is None else estimator.minimum_dtype)
 
 
+IEEE_GUARDED_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+"""The ``torch.backends`` whose ``fp32_precision`` :func:`ieee_float32` holds at ``"ieee"``."""
+
+
 @contextmanager
 def ieee_float32() -> Iterator[None]:
-    """Run cuDNN convolutions in true float32 inside the block, whatever the global setting.
+    """Run float32 matrix products and convolutions in true IEEE float32 inside the block, whatever the settings.
 
-    cuDNN convolutions default to TF32 (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), which keeps 10
-    mantissa bits: the contrastive estimate divides differences of such results by beta, and long inner loops
-    compound them. On one H200 (``benchmarks/meta_step.py --device cuda``, Conv4, 16 tasks, T=20) looped and
-    vmapped meta-gradients, which differ only in rounding, disagreed by 3-26% of the largest entry under TF32.
-    Matrix products already default to IEEE float32 in torch.
+    cuDNN convolutions default to TF32 (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), and
+    ``torch.set_float32_matmul_precision("high")``, which Lightning advises on tensor-core GPUs, turns cuBLAS and
+    oneDNN matrix products to TF32 too. TF32 keeps 10 mantissa bits: the contrastive estimate divides differences
+    of such results by beta, and long inner loops compound them. On one H200 (``benchmarks/meta_step.py --device
+    cuda``, Conv4, 16 tasks, T=20) looped and vmapped meta-gradients, which differ only in rounding, disagreed by
+    3-26% of the largest entry under TF32 convolutions and by 0.1-7% in IEEE float32. Every backend of
+    :data:`IEEE_GUARDED_BACKENDS` is set to ``"ieee"`` and restored to the caller's setting on exit.
     """
-    convolutions = torch.backends.cudnn.conv
-    previous = convolutions.fp32_precision
-    convolutions.fp32_precision = "ieee"
+    backends = []
+    for path in IEEE_GUARDED_BACKENDS:
+        backend = torch.backends
+        for part in path.split("."):
+            backend = getattr(backend, part)
+        backends.append(backend)
+    previous = [backend.fp32_precision for backend in backends]
     try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
         yield
     finally:
-        convolutions.fp32_precision = previous
+        for backend, setting in zip(backends, previous, strict=True):
+            backend.fp32_precision = setting
 
 
 def cast_task(task: Task, dtype: torch.dtype) -> Task:

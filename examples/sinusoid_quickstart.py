@@ -1,6 +1,6 @@
 """Quickstart: meta-train a complex synapse on sinusoid regression with the contrastive rule (~2 minutes on a CPU).
 
-    pip install torch==2.13.0 && pip install -e . && python examples/sinusoid_quickstart.py
+    pip install torch==2.13.0 && pip install -e . && python examples/sinusoid_quickstart.py [--seed N]
 
 Every weight of a 1-40-40-1 MLP becomes a complex synapse: a fast weight that learns each task from
 10 support points, pulled toward a consolidated weight ``omega`` with a strength ``lambda``; the
@@ -8,10 +8,14 @@ symmetric contrastive rule meta-learns ``omega`` and ``lambda`` from two runs of
 per task (free and nudged), without backpropagating through the inner loop. The script drops
 :class:`MetaLearningModule` into an ordinary ``pytorch_lightning.Trainer`` and prints the meta-test MSE
 on 600 unseen tasks (after adapting to each task's 10 support points) before and after meta-training.
+
+The trained figure depends on the seed and, through floating-point rounding that 800 meta-steps amplify, on the
+CPU: the README gives the spread measured over seeds and machines.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from functools import partial
 
@@ -32,15 +36,17 @@ def meta_test_mse(trainer: pl.Trainer, module: MetaLearningModule, data: Sinusoi
 
 
 def main() -> None:
-    torch.set_num_threads(1)  # a 1-40-40-1 MLP: synchronising threads would cost more than the arithmetic
-    pl.seed_everything(0, verbose=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seeds the network's initial weights (default 0)")
+    seed = parser.parse_args().seed
+    pl.seed_everything(seed, verbose=False)
     data = SinusoidDataModule(
         shots=10,
         test_shots=10,
         batch_size=TASKS_PER_STEP,
         num_train_tasks=META_STEPS * TASKS_PER_STEP,  # one epoch = the whole run, every task fresh
         num_eval_tasks=600,
-        eval_batch_size=100,
+        eval_batch_size=100,  # the tasks (seed 0) are the same for every --seed
     )
     module = MetaLearningModule(
         learner=ComplexSynapse(MLP(in_features=1, hidden=(40, 40), out_features=1), loss="mse", init_lambda=1.0),

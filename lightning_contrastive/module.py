@@ -94,6 +94,13 @@ class MetaLearningModule(pl.LightningModule):
         batched: how a training batch's tasks run: ``True`` together under ``torch.func.vmap``, ``False`` one
             after another, ``None`` (default) as :func:`~lightning_contrastive.meta_gradient.choose_batched`
             picks for the learner, the estimator and the device (vmapped, except convolutions on the CPU).
+        cpu_threads: torch's intra-op threads while a Trainer runs this module on the CPU (``fit``, ``validate``,
+            ``test``, ``predict``); the previous setting is restored when it ends. ``"auto"`` (default): one thread,
+            unless ``OMP_NUM_THREADS`` is set in the environment, which then decides; an integer: that many;
+            ``None``: torch's setting, untouched. Why one: the inner loops are long chains of small operations,
+            which extra threads slow down on a loaded CPU: on 2 busy cores a sinusoid MLP meta-step took 2.1-2.3 s
+            with torch's default (2 threads) against 0.16-0.29 s with one, a 32-channel Conv4 step 1.7-11 s against
+            0.4-0.9 s (README, "Threads").
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class MetaLearningModule(pl.LightningModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         on_inner_fault: FaultPolicy = "stop",
         batched: bool | None = None,
+        cpu_threads: int | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(learner, Learner):
@@ -116,6 +124,8 @@ class MetaLearningModule(pl.LightningModule):
             raise ValueError(f'lr_scheduler_interval must be "step" or "epoch"; got {lr_scheduler_interval!r}.')
         if on_inner_fault not in ("stop", "skip"):
             raise ValueError(f'on_inner_fault must be "stop" or "skip"; got {on_inner_fault!r}.')
+        if not (cpu_threads in ("auto", None) or (type(cpu_threads) is int and cpu_threads >= 1)):
+            raise ValueError(f'cpu_threads must be "auto", None or an integer >= 1; got {cpu_threads!r}.')
         if batched and not estimator.batchable:
             raise ValueError(
                 f"batched=True, but {type(estimator).__name__} cannot run under torch.func.vmap "
@@ -131,6 +141,8 @@ class MetaLearningModule(pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.on_inner_fault = on_inner_fault
         self.batched = batched
+        self.cpu_threads = cpu_threads
+        self._threads_before: int | None = None
         self.skipped_tasks_total = 0
         self.classification = learner.loss_name == "cross_entropy"
         self.val_episodes = EpisodeMetrics()
@@ -201,6 +213,20 @@ class MetaLearningModule(pl.LightningModule):
         meta = {name: p.detach().cpu().clone() for name, p in self.learner.named_meta_parameters()}
         torch.save(meta, paths["meta_parameters"])
         return paths
+
+    # ---------------------------------------------------------------- threads
+    def setup(self, stage: str) -> None:
+        """Apply the ``cpu_threads`` policy for this run (on the CPU only)."""
+        threads = 1 if self.cpu_threads == "auto" and "OMP_NUM_THREADS" not in os.environ else self.cpu_threads
+        if isinstance(threads, int) and self.trainer.strategy.root_device.type == "cpu":
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def teardown(self, stage: str) -> None:
+        """Give torch back the thread count it had before :meth:`setup`."""
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:

@@ -352,3 +352,47 @@ def test_distributed_evaluation_aggregates_the_episodes_of_every_rank() -> None:
     (single,) = trainer().validate(module, data, verbose=False)
     (distributed,) = trainer(accelerator="cpu", devices=2, strategy="ddp_spawn").validate(module, data, verbose=False)
     assert distributed == pytest.approx(single, rel=1e-5)  # the interval too: one set of 8 episodes, not 2 of 4
+
+
+class ThreadsSeen(pl.Callback):
+    """Records torch's intra-op thread count at every training and test batch."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.seen.add(torch.get_num_threads())
+
+    def on_test_batch_start(self, *args: Any) -> None:
+        self.seen.add(torch.get_num_threads())
+
+
+@pytest.mark.parametrize(
+    ("cpu_threads", "omp_num_threads", "expected"),
+    [("auto", None, 1), ("auto", "3", 2), (None, None, 2), (3, None, 3), (3, "1", 3)],
+)
+def test_cpu_threads_apply_while_the_trainer_runs_and_are_restored_after(
+    cpu_threads: Any, omp_num_threads: str | None, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``"auto"``: one thread unless OMP_NUM_THREADS is set (then torch's setting stands, here 2); an int wins."""
+    if omp_num_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_num_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        module, seen = small_module(cpu_threads=cpu_threads), ThreadsSeen()
+        run = trainer(max_steps=2, callbacks=[seen], limit_val_batches=0)
+        run.fit(module, loader(sinusoid_batches(2)))
+        run.test(module, loader(sinusoid_batches(1)), verbose=False)
+        assert seen.seen == {expected}
+        assert torch.get_num_threads() == 2  # the caller's setting, back
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cpu_threads", [0, -1, True, "all", 1.5])
+def test_cpu_threads_that_mean_nothing_are_refused(cpu_threads: Any) -> None:
+    with pytest.raises(ValueError, match='cpu_threads must be "auto", None or an integer >= 1'):
+        small_module(cpu_threads=cpu_threads)

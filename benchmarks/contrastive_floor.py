@@ -25,13 +25,14 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 
 
 def conv4_forward(weights: Sequence[Tensor], x: Tensor) -> Tensor:
-    """``networks.Conv4`` with its parameters in ``named_parameters()`` order; BatchNorm on batch statistics."""
+    """``networks.Conv4`` with its parameters in ``named_parameters()`` order (bias-free convolutions); BatchNorm
+    on batch statistics."""
     for block in range(4):
-        conv_weight, conv_bias, norm_weight, norm_bias = weights[4 * block : 4 * block + 4]
-        x = F.conv2d(x, conv_weight, conv_bias, padding=1)
+        conv_weight, norm_weight, norm_bias = weights[3 * block : 3 * block + 3]
+        x = F.conv2d(x, conv_weight, padding=1)
         x = F.batch_norm(x, None, None, norm_weight, norm_bias, training=True)
         x = F.max_pool2d(F.relu(x), 2)
-    return F.linear(x.flatten(1), weights[16], weights[17])
+    return F.linear(x.flatten(1), weights[12], weights[13])
 
 
 def mlp_forward(weights: Sequence[Tensor], x: Tensor) -> Tensor:

@@ -7,11 +7,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_contrastive.callbacks._utils import flat_groups, meta_learning_module, metric_name, ratio
 from lightning_contrastive.callbacks.held_batch import HeldBatchDiagnostic
 from lightning_contrastive.estimators import Estimator, Implicit
+from lightning_contrastive.faults import InnerLoopError
 from lightning_contrastive.meta_gradient import meta_gradient
 from lightning_contrastive.module import MetaLearningModule
 
@@ -31,6 +33,9 @@ class EstimatorAgreement(HeldBatchDiagnostic):
     against implicit differentiation, or to see how far first-order MAML strays.
 
     Cost per diagnosis: one meta-gradient of each estimator on the held batch; nothing else is slowed down.
+    A diagnosis in which either estimator's inner loops fault (e.g. the reference's conjugate gradient meets
+    negative curvature, early in training) logs nothing and warns, naming the fault: an observer does not stop
+    the training it observes.
 
     Args:
         reference: the estimator to compare with; ``None`` uses :class:`~lightning_contrastive.Implicit` with its
@@ -55,8 +60,12 @@ class EstimatorAgreement(HeldBatchDiagnostic):
     def diagnose(
         self, trainer: pl.Trainer, pl_module: MetaLearningModule, batch: Mapping[str, Any]
     ) -> dict[str, float]:
-        trained = flat_groups(meta_gradient(pl_module.learner, pl_module.estimator, batch).items())
-        reference = flat_groups(meta_gradient(pl_module.learner, self.reference, batch).items())
+        try:
+            trained = flat_groups(meta_gradient(pl_module.learner, pl_module.estimator, batch).items())
+            reference = flat_groups(meta_gradient(pl_module.learner, self.reference, batch).items())
+        except InnerLoopError as fault:
+            rank_zero_warn(f"EstimatorAgreement logs nothing at step {trainer.global_step}: {fault}")
+            return {}
         metrics = {}
         for group, estimate in trained.items():
             cosine, relative_error = agreement(estimate, reference[group])

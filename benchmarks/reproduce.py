@@ -215,7 +215,10 @@ About what MAML needs for the equal-steps table's meta-steps (measured: 600 x 0.
 on 5-way, 250 x 0.65 s on 20-way), the 20-way budget raised to about 370 MAML steps: issue 17 found the
 estimators' order changing between 250 and 600 meta-steps there. CPU time rather than wall-clock, because the
 cores are shared: a one-thread process's CPU time is the wall-clock it would take on a core of its own, so two
-cells side by side (or other work on the machine) do not change what a budget buys.
+cells side by side, or other processes taking turns on the cores, do not change what a budget buys. It does not
+undo contention for caches and memory: at a load average of 5 on the 2 cores (other sessions' work) a 20-way
+meta-step took about 2x the CPU time measured on a quieter machine, and wall-clock 3x more again. Run the ``time``
+group with nothing else on the machine (2 workers for 2 cores); each cell's JSON records the load average.
 """
 EQUAL_TIME_ESTIMATORS = (
     "maml",
@@ -514,6 +517,7 @@ class CellResult:
     wall_s: float | None = None
     skipped_tasks: float | None = None
     resumed_at_step: int | None = None
+    load_average: float | None = None  # the machine's 5-minute load average when the cell ended
     command: str = ""
     overrides: list[str] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
@@ -630,7 +634,7 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellRes
         else:
             cli = MetaLearningCLI(args=[f"--config={cell.config}", *overrides], run=False, save_config_callback=None)
             timer = StepTimer()
-            cli.trainer.callbacks.append(timer)
+            cli.trainer.callbacks.insert(0, timer)  # before the curve's hook: a step's time excludes its evaluation
             curve = next((c for c in cli.trainer.callbacks if isinstance(c, LearningCurve)), None)
             if cell.estimator != "untrained":
                 if curve is not None:
@@ -658,6 +662,7 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellRes
         result.status, result.reason = "failed", f"{type(error).__name__}: {error}"
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     result.wall_s = time.perf_counter() - start
+    result.load_average = os.getloadavg()[1]
     write_json(result_path, asdict(result))
     checkpoint.unlink(missing_ok=True)
     return result
@@ -1154,6 +1159,7 @@ def report(
     info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
     suites = {name: asdict(suite) for name, suite in SUITES.items()} | info.get("suites", {})
     host = info.get("machine", {})
+    loads = [r["load_average"] for rows in results.values() for r in rows if r.get("load_average") is not None]
 
     def image(path: Path, text: str) -> str:
         relative = path.relative_to(results_md.parent) if path.is_relative_to(results_md.parent) else None
@@ -1174,6 +1180,11 @@ def report(
         f"- machine: {host.get('cpu', '?')}, {host.get('cores', '?')} cores (shared with other work), Python "
         f"{host.get('python', '?')}, torch {host.get('torch', '?')}, {host.get('threads_per_worker', '?')} torch "
         "thread per process; each cell in a fresh process.",
+        *(
+            [f"- machine load (5-minute load average as each cell ended): {min(loads):.1f} to {max(loads):.1f}."]
+            if loads
+            else []
+        ),
         f"- seed: {info.get('seed', SEED)} for every cell (`seed_everything` and the data seed: the same meta-training "
         "tasks and the same fixed meta-test episodes for every estimator).",
         "- s / meta-step: mean wall-clock of the meta-steps after the first, measured inside the process "

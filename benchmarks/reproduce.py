@@ -271,9 +271,9 @@ GROUPS = ("steps", "time", "long")
 LEARNERS = {"complex_synapse": "ComplexSynapse", "dual_system": "DualSystem"}
 ESTIMATORS = {
     "untrained": "untrained start",
-    "contrastive_symmetric": "Contrastive symmetric",
+    "contrastive_symmetric": "Contrastive symmetric, full nudge",
     "contrastive_linear": "Contrastive symmetric, linear nudge",
-    "contrastive_one_sided": "Contrastive one-sided",
+    "contrastive_one_sided": "Contrastive one-sided, full nudge",
     "maml": "MAML",
     "implicit": "Implicit",
     "fomaml": "FirstOrderMAML",
@@ -390,7 +390,7 @@ def cell_config(cell: Cell) -> dict[str, Any]:
             "symmetric": cell.estimator != "contrastive_one_sided",
             "inner_steps": suite.inner_steps,
             "nudged_steps": suite.inner_steps if linear else suite.nudged_steps,
-            **({"nudge": "linear"} if linear else {}),
+            "nudge": "linear" if linear else "full",
             **inner,
         }
         estimator = {"class_path": "lightning_contrastive.Contrastive", "init_args": estimator_args}
@@ -463,14 +463,10 @@ def instantiate(spec: Any) -> Any:
 def smoke_overrides(cell: Cell) -> list[str]:
     """CLI overrides that shrink ``cell`` to ``SMOKE``: a few meta-steps, inner steps and test episodes."""
     suite = SUITES[cell.suite]
-    steps = (
-        [
-            f"--model.estimator.inner_steps={SMOKE['inner_steps']}",
-            f"--model.estimator.nudged_steps={SMOKE['nudged_steps']}",
-        ]
-        if cell.estimator.startswith("contrastive") or cell.estimator == "untrained"
-        else [f"--model.estimator.inner_steps={SMOKE['inner_steps']}"]
-    )
+    steps = [f"--model.estimator.inner_steps={SMOKE['inner_steps']}"]
+    if cell.estimator.startswith("contrastive") or cell.estimator == "untrained":
+        nudged = SMOKE["inner_steps"] if cell.estimator == "contrastive_linear" else SMOKE["nudged_steps"]
+        steps.append(f"--model.estimator.nudged_steps={nudged}")
     data = [f"--data.num_eval_tasks={SMOKE['eval_tasks']}", f"--data.eval_batch_size={SMOKE['eval_batch']}"]
     if suite.data == "omniglot":
         data.append(f"--data.num_train_tasks={SMOKE['meta_steps'] * suite.meta_batch}")

@@ -77,16 +77,16 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
             "--set=--data.shots=0",
         ]
     )
-    # Equal time: MAML and the symmetric rule for the same (smoke) budget of CPU time.
+    # Equal time: MAML and the linear nudge for the same (smoke) budget of CPU time.
     reproduce.main([*common, "--only", "sinusoid_5shot_equal_time", "--learners", "complex_synapse", "--estimators",
-                    "maml,contrastive_symmetric"])  # fmt: skip
+                    "maml,contrastive_linear"])  # fmt: skip
     done = sorted(str(path.relative_to(out)) for path in out.glob("*/*.json"))
     assert done == [
         "sinusoid_5shot/complex_synapse__contrastive_symmetric.json",
         "sinusoid_5shot/complex_synapse__reptile.json",
         "sinusoid_5shot/complex_synapse__untrained.json",
         "sinusoid_5shot/dual_system__maml.json",
-        "sinusoid_5shot_equal_time/complex_synapse__contrastive_symmetric.json",
+        "sinusoid_5shot_equal_time/complex_synapse__contrastive_linear.json",
         "sinusoid_5shot_equal_time/complex_synapse__maml.json",
     ]
     assert not list(out.glob("*/*.ckpt"))  # each finished cell deleted its resume checkpoint
@@ -105,7 +105,7 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
     assert cell["curve"][-1]["metrics"] == cell["metrics"]
     assert all(point["episodes"] == reproduce.SMOKE["eval_tasks"] for point in cell["curve"])
     budget = reproduce.SMOKE["train_seconds"]
-    for name in ("maml", "contrastive_symmetric"):
+    for name in ("maml", "contrastive_linear"):
         timed = json.loads((out / "sinusoid_5shot_equal_time" / f"complex_synapse__{name}.json").read_text())
         seconds = [point["train_cpu_seconds"] for point in timed["curve"]]
         assert seconds == sorted(seconds) and seconds[0] < budget / 2
@@ -127,22 +127,24 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
     text = results_md.read_text()
     assert "## Findings\n\nHand-written." in text
     (variant_row,) = [line for line in text.splitlines() if "`--data.test_shots=3`" in line]
-    assert variant_row.startswith("| Sinusoid regression, 5 shots | ComplexSynapse | Contrastive symmetric |")
+    assert variant_row.startswith(
+        "| Sinusoid regression, 5 shots | ComplexSynapse | Contrastive symmetric, full nudge |"
+    )
     assert re.search(r"\| \d+\.\d+ ± \d+\.\d+ \| \d+\.\d+ ± \d+\.\d+ @ [123] \|", variant_row)  # final, best point
     assert figure.stat().st_size > 0 and merged.stat().st_size > 0
     assert (tmp_path / "docs" / "accuracy_equal_time.png").stat().st_size > 0
     rows = table_rows(text, "Sinusoid regression, 5 shots")
     assert list(rows) == [
         ("ComplexSynapse", "untrained start"),
-        ("ComplexSynapse", "Contrastive symmetric"),
+        ("ComplexSynapse", "Contrastive symmetric, full nudge"),
         ("ComplexSynapse", "Reptile"),
         ("DualSystem", "MAML"),
     ]
-    for key in [("ComplexSynapse", "untrained start"), ("ComplexSynapse", "Contrastive symmetric")]:
+    for key in [("ComplexSynapse", "untrained start"), ("ComplexSynapse", "Contrastive symmetric, full nudge")]:
         metric, _, _, _, rss, status = rows[key]
         mean, ci = (float(value) for value in re.fullmatch(r"(\S+) ± (\S+)", metric).groups())
         assert mean > 0 and ci > 0 and float(rss) > 100 and status.startswith("ok")
-    best, meta_steps, step = rows[("ComplexSynapse", "Contrastive symmetric")][1:4]
+    best, meta_steps, step = rows[("ComplexSynapse", "Contrastive symmetric, full nudge")][1:4]
     assert re.fullmatch(r"\S+ ± \S+ @ [123]", best) and meta_steps == "3" and float(step) > 0
     assert rows[("ComplexSynapse", "untrained start")][1:4] == ["", "", ""]  # no meta-step was taken
     refusal = rows[("ComplexSynapse", "Reptile")][5]
@@ -153,7 +155,9 @@ def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(r
     failure = json.loads((out / "sinusoid_5shot" / "dual_system__maml.json").read_text())
     assert failure["status"] == "failed" and "shots" in failure["reason"]
     timed = table_rows(text, "Sinusoid regression, 5 shots, equal time")
-    assert list(timed) == [("ComplexSynapse", "Contrastive symmetric"), ("ComplexSynapse", "MAML")]
+    assert list(timed) == [("ComplexSynapse", "Contrastive symmetric, linear nudge"), ("ComplexSynapse", "MAML")]
+    standing = text.split("## Equal training time", 1)[1].split("| Sinusoid regression, 5 shots, equal time |", 1)[1]
+    assert re.match(r" ComplexSynapse \| (ahead|level|behind) \([+-]\d+\.\d+\) \|\n", standing)
     assert "## Equal training time" in text and "CPU time" in text and "## Longer meta-training" not in text
     assert "Sinusoid regression, 5 shots" in text and "--smoke" in text and "torch" in text
     assert "## Gradient quality" in text
@@ -239,7 +243,7 @@ def test_standing_calls_ahead_behind_and_level_by_the_confidence_intervals(repro
     sinusoid = [cell("contrastive_linear", 1.0, 0.1), cell("maml", 2.0, 0.1)]  # lower MSE is better
     table = reproduce.standing_table({"omniglot_5way": omniglot, "sinusoid_5shot": sinusoid})
     header, _, *lines = table.splitlines()
-    assert header == "| suite | learner | MAML | Implicit | FirstOrderMAML | Contrastive symmetric |"
+    assert header == "| suite | learner | MAML | Implicit | FirstOrderMAML | Contrastive symmetric, full nudge |"
     rows = {line.split(" | ")[0].strip("| "): [e.strip(" |") for e in line.split(" | ")[2:]] for line in lines}
     assert rows["Omniglot 5-way 1-shot"] == ["behind (-3.0)", "level (-1.5)", "ahead (+10.0)", "failed"]
     assert rows["Sinusoid regression, 5 shots"] == ["ahead (+1.000)", "not run", "not run", "not run"]

@@ -41,11 +41,13 @@ def test_the_exact_gradient_is_exact(quick_run: tuple[ModuleType, Path, dict]) -
 def test_contrastive_bias_shrinks_like_beta_and_beta_squared(quick_run: tuple[ModuleType, Path, dict]) -> None:
     _, _, results = quick_run
     sweep = results["beta_sweep"]
-    assert 0.8 < sweep["one_sided_slope"] < 1.2 and 1.8 < sweep["symmetric_slope"] < 2.2
     smallest = sweep["betas"].index(min(sweep["betas"]))
-    for rule in ("one_sided", "symmetric"):
-        assert sweep[rule][smallest]["cosine"] > 0.99
-        assert sweep["symmetric"][smallest]["relative_error"] < sweep["one_sided"][smallest]["relative_error"]
+    for prefix in ("", "linear_"):  # the full nudge, then the linear one
+        one_sided, symmetric = f"{prefix}one_sided", f"{prefix}symmetric"
+        assert 0.8 < sweep[f"{one_sided}_slope"] < 1.2 and 1.8 < sweep[f"{symmetric}_slope"] < 2.2
+        for rule in (one_sided, symmetric):
+            assert sweep[rule][smallest]["cosine"] > 0.99
+        assert sweep[symmetric][smallest]["relative_error"] < sweep[one_sided][smallest]["relative_error"]
 
 
 def test_estimators_against_inner_steps(quick_run: tuple[ModuleType, Path, dict]) -> None:
@@ -53,7 +55,7 @@ def test_estimators_against_inner_steps(quick_run: tuple[ModuleType, Path, dict]
     rows = results["steps_sweep"]["rows"]
     maml = [row["relative_error"] for row in rows["maml"]]
     assert maml == sorted(maml, reverse=True) and maml[-1] < 1e-3  # the truncated loop approaches the solution
-    for method in ("implicit", "contrastive_symmetric"):
+    for method in ("implicit", "contrastive_symmetric", "contrastive_linear_symmetric"):
         assert rows[method][-1]["cosine"] > 0.99
     # First-order MAML and Reptile are biased whatever the steps: their error stays large.
     assert rows["first_order_maml"][-1]["relative_error"] > 0.1 and rows["reptile"][-1]["cosine"] < 0.99

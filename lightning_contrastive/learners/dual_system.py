@@ -111,8 +111,8 @@ class DualSystem(Learner):
     the modulation added by forward hooks registered for that call only (hooks, rather than re-running
     a layer list, so that any module whose layers can be found works, not only ``nn.Sequential``). It
     works under double backward (MAML) and ``torch.func`` transforms and never touches the user's
-    module, whose weights are copied at construction (read the trained ones from ``primary.*`` or
-    :meth:`as_module`).
+    module, whose weights are copied at construction (take the trained network, with its starting modulation
+    folded in, from :meth:`meta_learned_network`, or a task's adapted one from :meth:`as_module`).
     BatchNorm layers always normalise with the statistics of the batch they are given, as in
     :class:`~lightning_contrastive.learners.ComplexSynapse`.
 

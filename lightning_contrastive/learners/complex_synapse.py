@@ -39,8 +39,9 @@ class ComplexSynapse(Learner):
     Batch normalisation policy: every ``BatchNorm`` layer of the backbone normalises with the
     statistics of the batch it is given (the support set in the inner phases, the query set when
     evaluating the query loss), in training and evaluation alike, and keeps no running statistics,
-    as the authors and MAML do. The learner works on its own copy of ``backbone``; the user's module,
-    its weights and its running statistics are never modified.
+    as the authors and MAML do. Dropout and any other train-mode randomness are off in every phase (the backbone
+    runs in evaluation mode; see :class:`~lightning_contrastive.Learner`). The learner works on its own copy of
+    ``backbone``; the user's module, its weights and its running statistics are never modified.
 
     Args:
         backbone: any ``nn.Module``; ``omega`` starts from its current weights.
@@ -62,7 +63,7 @@ class ComplexSynapse(Learner):
                 f"init_lambda must be > 0 (it is the strength pulling fast weights to omega); got {init_lambda}."
             )
         self.backbone, weights = functional_copy(backbone)
-        self.running_statistics = use_batch_statistics(self.backbone)
+        self._tracked_batch_norms = use_batch_statistics(self.backbone)
         self.fast_names = tuple(weights)
         self.init_lambda = float(init_lambda)
         self.learn_lambda = learn_lambda
@@ -98,7 +99,7 @@ class ComplexSynapse(Learner):
         """
         meta = self.meta_parameters()
         return plain_network(
-            self.backbone, {name: meta[f"omega.{name}"] for name in self.fast_names}, self.running_statistics
+            self.backbone, {name: meta[f"omega.{name}"] for name in self.fast_names}, self._tracked_batch_norms
         )
 
     def strengths(self, meta: Params) -> dict[str, Tensor | float]:

@@ -113,8 +113,8 @@ class DualSystem(Learner):
     works under double backward (MAML) and ``torch.func`` transforms and never touches the user's
     module, whose weights are copied at construction (take the trained network, with its starting modulation
     folded in, from :meth:`meta_learned_network`, or a task's adapted one from :meth:`as_module`).
-    BatchNorm layers always normalise with the statistics of the batch they are given, as in
-    :class:`~lightning_contrastive.learners.ComplexSynapse`.
+    BatchNorm layers always normalise with the statistics of the batch they are given, and Dropout is off in every
+    phase (the primary runs in evaluation mode), as in :class:`~lightning_contrastive.learners.ComplexSynapse`.
 
     Cost: one forward pass of the primary per prediction plus an elementwise gain and shift per
     modulated layer (and a ``code_size x 2U`` matrix-vector product for the network modulator, ``U``
@@ -152,7 +152,7 @@ class DualSystem(Learner):
         self.code_size = code_size
         self.modulated, self.readout_layer = find_layers(primary, example_input)
         self.network, weights = functional_copy(primary)
-        self.running_statistics = use_batch_statistics(self.network)
+        self._tracked_batch_norms = use_batch_statistics(self.network)
         readout_prefix = f"{self.readout_layer}."
         self.readout_names = {
             f"readout.{name.removeprefix(readout_prefix)}": name for name in weights if name.startswith(readout_prefix)
@@ -216,7 +216,7 @@ class DualSystem(Learner):
         weights = self._network_weights(fast, meta)
         for block, (gain, shift) in zip(self.modulated, self.modulations(fast, meta).values(), strict=True):
             weights |= self._folded(block, gain, shift, weights)
-        return plain_network(self.network, weights, self.running_statistics)
+        return plain_network(self.network, weights, self._tracked_batch_norms)
 
     def regulariser(self, fast: Params, meta: Params) -> Tensor:
         """``R = pull / 2 ||m - m0||^2`` over every fast parameter, readout included."""

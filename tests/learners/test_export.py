@@ -64,7 +64,7 @@ def assert_plain_copy(exported: nn.Module, fresh: nn.Module, x: torch.Tensor, ex
     """``exported`` is the user's class, holds only torch objects, equals ``expected`` on ``x``, and its state
     dict loads strictly into ``fresh``, which then gives the same outputs."""
     assert type(exported) is type(fresh)
-    assert all(type(m).__module__.split(".")[0] != "lightning_contrastive" or m is exported for m in exported.modules())
+    assert all(type(m).__module__.startswith("torch.nn") for m in list(exported.modules())[1:])  # no library objects
     assert all(type(p) is nn.Parameter for p in exported.parameters())
     with torch.no_grad():
         # Float rounding only: folding reassociates products (measured at most 4.8e-7 on outputs up to 5.3).

@@ -353,18 +353,18 @@ def call_order(primary: nn.Module, example_input: Tensor | None = None) -> list[
     """The names of the primary's weight and normalisation layers in the order its forward pass calls them,
     once per call.
 
-    With ``example_input``, one forward pass on it is watched with hooks (on a copy, in evaluation mode and
-    without gradients, so the user's module and its running statistics are untouched): what the forward pass
-    does on real data, whatever its code looks like. Without, the forward pass is traced symbolically with
-    ``torch.fx`` (no data needed, so configs need not supply an input), which fails on control flow that depends
-    on the input's values or shape; that failure raises ``ValueError`` asking for ``example_input``. The layer
-    structure must be known when the learner is built, since it decides the meta-parameters' names and shapes,
-    which the outer optimizer needs before any data is seen.
+    Either way the forward pass is that of a copy in evaluation mode, as the learner runs it (the user's module
+    and its running statistics are untouched). With ``example_input``, one forward pass on it is watched with hooks
+    (without gradients): what the forward pass does on real data, whatever its code looks like. Without, the
+    forward pass is traced symbolically with ``torch.fx`` (no data needed, so configs need not supply an input),
+    which fails on control flow that depends on the input's values or shape; that failure raises ``ValueError``
+    asking for ``example_input``. The layer structure must be known when the learner is built, since it decides
+    the meta-parameters' names and shapes, which the outer optimizer needs before any data is seen.
     """
     layers = (*WEIGHT_LAYERS, *NORM_LAYERS)
+    network = copy.deepcopy(primary).eval()
     if example_input is not None:
-        watched = copy.deepcopy(primary).eval()
-        names = {module: name for name, module in watched.named_modules()}
+        names = {module: name for name, module in network.named_modules()}
         calls: list[str] = []
         handles = [
             module.register_forward_hook(lambda module, inputs, output: calls.append(names[module]))
@@ -373,13 +373,13 @@ def call_order(primary: nn.Module, example_input: Tensor | None = None) -> list[
         ]
         try:
             with torch.no_grad():
-                watched(example_input)
+                network(example_input)
         finally:
             for handle in handles:
                 handle.remove()
         return calls
 
-    if isinstance(primary, layers):  # fx traces into the root module, so a bare layer never shows as a call
+    if isinstance(network, layers):  # fx traces into the root module, so a bare layer never shows as a call
         return [""]
 
     class LayerTracer(torch.fx.Tracer):
@@ -387,7 +387,7 @@ def call_order(primary: nn.Module, example_input: Tensor | None = None) -> list[
             return isinstance(module, layers) or super().is_leaf_module(module, qualified_name)
 
     try:
-        graph = LayerTracer().trace(primary)
+        graph = LayerTracer().trace(network)
     except Exception as error:  # torch.fx raises several types (TraceError, TypeError, ...) for untraceable code
         raise ValueError(
             f"DualSystem could not trace the primary network's forward pass without data ({type(error).__name__}: "
@@ -396,7 +396,7 @@ def call_order(primary: nn.Module, example_input: Tensor | None = None) -> list[
     return [
         str(node.target)
         for node in graph.nodes
-        if node.op == "call_module" and isinstance(primary.get_submodule(str(node.target)), layers)
+        if node.op == "call_module" and isinstance(network.get_submodule(str(node.target)), layers)
     ]
 
 

@@ -66,7 +66,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -803,7 +803,7 @@ MEASURED_SECONDS_PER_STEP = {
     "sinusoid_10shot": SINUSOID_SECONDS_PER_STEP,
     "omniglot_5way": {
         "contrastive_symmetric": 0.8,
-        "contrastive_linear": 0.5,  # not measured yet
+        "contrastive_linear": 0.57,  # 1.15x MAML, measured side by side (both 2x slower at load 6)
         "contrastive_one_sided": 0.6,
         "maml": 0.5,
         "implicit": 0.6,
@@ -812,7 +812,7 @@ MEASURED_SECONDS_PER_STEP = {
     },
     "omniglot_20way": {
         "contrastive_symmetric": 1.1,
-        "contrastive_linear": 0.6,  # not measured yet
+        "contrastive_linear": 0.7,  # 1.07x MAML, measured side by side (both 2x slower at load 6)
         "contrastive_one_sided": 0.8,
         "maml": 0.65,
         "implicit": 0.95,
@@ -891,6 +891,7 @@ def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = DE
     ``ok`` shows that cell's status.
     """
     present = {r["estimator"] for rows in results.values() for r in rows}
+    defined = set(all_cells())
     others = [e for e in OTHERS if e != estimator and e in present]
     rows = [
         "| suite | learner | " + " | ".join(ESTIMATORS[e] for e in others) + " |",
@@ -907,7 +908,8 @@ def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = DE
             verdicts = []
             for other in others:
                 if cells.get(other, {}).get("status") != "ok":
-                    verdicts.append(cells[other]["status"] if other in cells else "not run")
+                    exists = Cell(name, learner, other) in defined
+                    verdicts.append(cells[other]["status"] if other in cells else "not run" if exists else "n/a")
                     continue
                 theirs = cells[other]["metrics"]
                 gap = better * scale * (ours[suite.metric] - theirs[suite.metric])
@@ -949,20 +951,33 @@ def suite_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def curve_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
-    """The metric ± 95% CI at every curve point (columns: meta-steps), a row per learner and estimator."""
+def curve_table(
+    results: Sequence[dict[str, Any]], columns: Sequence[str], label: Callable[[dict[str, Any]], Sequence[str]]
+) -> str:
+    """The metric ± 95% CI at every curve point (a column per meta-step), a row per result.
+
+    ``columns`` name the leading columns and ``label(result)`` fills them.
+    """
     steps = sorted({point["meta_step"] for r in results for point in r.get("curve", [])})
     rows = [
-        "| learner | estimator | " + " | ".join(f"step {step}" for step in steps) + " |",
-        "|---|---|" + "---|" * len(steps),
+        "| " + " | ".join([*columns, *(f"step {step}" for step in steps)]) + " |",
+        "|" + "---|" * (len(columns) + len(steps)),
     ]
     for result in results:
         at = {point["meta_step"]: point["metrics"] for point in result.get("curve", [])}
-        cells = [metric_text(at[step], suite) if step in at else "" for step in steps]
-        rows.append(
-            f"| {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | " + " | ".join(cells) + " |"
-        )
+        cells = [metric_text(at[step], SUITES[result["suite"]]) if step in at else "" for step in steps]
+        rows.append("| " + " | ".join([*label(result), *cells]) + " |")
     return "\n".join(rows)
+
+
+def cell_label(result: dict[str, Any]) -> list[str]:
+    """A result's learner and estimator, as the tables name them."""
+    return [LEARNERS[result["learner"]], ESTIMATORS[result["estimator"]]]
+
+
+def changed_settings(result: dict[str, Any]) -> list[str]:
+    """A variant's overrides beyond its suite's config (the data root, set on every Omniglot cell, left out)."""
+    return [o for o in result.get("overrides", []) if not o.startswith("--data.root=")]
 
 
 def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
@@ -1106,7 +1121,7 @@ def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]
         )
         for result in (r for suite_rows in load_results(folder).values() for r in suite_rows):
             suite = SUITES[result["suite"]]
-            changed = [o for o in result.get("overrides", []) if not o.startswith("--data.root=")]
+            changed = changed_settings(result)
             # The command that ran this cell: it names the cell's suite and estimator, and its learner if it filters.
             command = next(
                 (
@@ -1132,6 +1147,15 @@ def variants_section(folders: Sequence[Path]) -> tuple[str, list[dict[str, Any]]
         "| command |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    long = [result for result in found if SUITES[result["suite"]].group == "long"]
+    if long:  # where each variant of a longer run stopped improving
+        columns = ["suite", "learner", "estimator", "overrides"]
+        curves = curve_table(
+            long,
+            columns,
+            lambda r: [SUITES[r["suite"]].title, *cell_label(r), " ".join(f"`{o}`" for o in changed_settings(r))],
+        )
+        rows += ["", "Learning curves of the variants of the longer runs:", "", curves]
     return "\n".join(header + rows), found
 
 
@@ -1251,7 +1275,7 @@ def report(
                 "",
                 f"### {SUITES[name].title}",
                 "",
-                curve_table(SUITES[name], rows),
+                curve_table(rows, ["learner", "estimator"], cell_label),
                 "",
                 suite_table(SUITES[name], rows),
             ]

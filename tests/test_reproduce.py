@@ -247,3 +247,7 @@ def test_standing_calls_ahead_behind_and_level_by_the_confidence_intervals(repro
     rows = {line.split(" | ")[0].strip("| "): [e.strip(" |") for e in line.split(" | ")[2:]] for line in lines}
     assert rows["Omniglot 5-way 1-shot"] == ["behind (-3.0)", "level (-1.5)", "ahead (+10.0)", "failed"]
     assert rows["Sinusoid regression, 5 shots"] == ["ahead (+1.000)", "not run", "not run", "not run"]
+    dual = [{**row, "learner": "dual_system"} for row in omniglot[:2]] + [cell("reptile_lambda_fixed", 0.5, 0.01)]
+    table = reproduce.standing_table({"omniglot_5way": dual})
+    assert table.splitlines()[0].endswith("| MAML | Reptile (lambda fixed) |")
+    assert table.splitlines()[2].endswith("| DualSystem | behind (-3.0) | n/a |")  # no such cell: not "not run"

@@ -194,8 +194,8 @@ MUTATIONS = [
     Mutation(
         "phases stochastic: the network runs in the learner's mode",
         "lightning_contrastive/learners/base.py",
-        "    network.train(False)\n",
-        "",
+        'state["training"] = False',
+        'state["training"] = state["training"]',
         ("tests/learners/test_deterministic_phases.py",),
     ),
     Mutation(

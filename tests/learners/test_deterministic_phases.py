@@ -23,7 +23,9 @@ def regression_batch() -> dict:
 
 
 @pytest.mark.parametrize(
-    "make_learner", [lambda net: ComplexSynapse(net, loss="mse"), lambda net: DualSystem(net, loss="mse")]
+    "make_learner",
+    [lambda net: ComplexSynapse(net, loss="mse"), lambda net: DualSystem(net, loss="mse")],
+    ids=["complex_synapse", "dual_system"],
 )
 def test_a_dropout_network_gives_the_estimate_of_the_same_network_without_dropout(make_learner) -> None:
     estimator = Contrastive(beta=0.1, inner_steps=5, nudged_steps=3)

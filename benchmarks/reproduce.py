@@ -543,9 +543,9 @@ def judge(result: dict[str, Any], untrained_loss: float | None, meta_batch: int)
         return "failed", f"diverged: non-finite {', '.join(bad)}"
     loss = metrics.get("query_loss")
     if loss is not None and untrained_loss is not None and loss > DIVERGED_LOSS_FACTOR * untrained_loss:
-        return "failed", (
-            f"diverged: meta-test query loss {loss:.3g} is more than {DIVERGED_LOSS_FACTOR:g}x the untrained "
-            f"start's ({untrained_loss:.3g})"
+        return (
+            "failed",
+            f"diverged: query loss {loss:.3g} > {DIVERGED_LOSS_FACTOR:g}x the untrained start's {untrained_loss:.3g}",
         )
     tasks = result.get("meta_steps", 0) * meta_batch
     skipped = result.get("skipped_tasks") or 0.0
@@ -920,6 +920,20 @@ def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = DE
     return "\n".join(rows)
 
 
+def standings(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """A captioned :func:`standing_table` per symmetric contrastive rule with results, the default rule first."""
+    rules = [
+        DEFAULT_CONTRASTIVE,
+        *(e for e in ("contrastive_linear", "contrastive_symmetric") if e != DEFAULT_CONTRASTIVE),
+    ]
+    present = {r["estimator"] for rows in results.values() for r in rows}
+    lines = []
+    for rule in (rule for rule in rules if rule in present):
+        default = " (the library's default)" if rule == DEFAULT_CONTRASTIVE else ""
+        lines += ["", f"{ESTIMATORS[rule]}{default}:", "", standing_table(results, rule)]
+    return lines
+
+
 def status_cell(result: dict[str, Any]) -> str:
     """``ok``, ``n/a: <reason>`` or ``failed: <first 80 characters of the reason>``."""
     if result["status"] == "ok":
@@ -1231,11 +1245,10 @@ def report(
             "",
             image(figure(by_group["steps"], figure_path), "accuracy and MSE per estimator, failed cells left out"),
             "",
-            f"Where the default contrastive rule ({ESTIMATORS[DEFAULT_CONTRASTIVE]}) stands against each estimator: "
-            "ahead or behind when the 95% intervals do not overlap, level when they do; in brackets the difference "
-            "in accuracy points (Omniglot) or MSE (sinusoid; positive: the contrastive rule is better).",
-            "",
-            standing_table(by_group["steps"]),
+            "Where each contrastive rule stands against every other estimator: ahead or behind when the 95% "
+            "intervals do not overlap, level when they do; in brackets the difference in accuracy points (Omniglot) "
+            "or MSE (sinusoid; positive: the contrastive rule is better).",
+            *standings(by_group["steps"]),
         ]
         for name, rows in by_group["steps"].items():
             lines += ["", f"### {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
@@ -1253,9 +1266,8 @@ def report(
             "",
             image(curves, "meta-test metric against meta-training time, per suite and learner"),
             "",
-            f"Where {ESTIMATORS[DEFAULT_CONTRASTIVE]} stands at the end of the budget (as above):",
-            "",
-            standing_table(by_group["time"]),
+            "Where each contrastive rule stands at the end of the budget (as above):",
+            *standings(by_group["time"]),
         ]
         for name, rows in by_group["time"].items():
             lines += ["", f"### {SUITES[name].title}", "", suite_table(SUITES[name], rows)]

@@ -73,14 +73,22 @@ class MetaLearningModule(pl.LightningModule):
     score the query set; they log the mean over all evaluation episodes and its 95% confidence interval
     (``val/query_loss``, ``val/query_loss_ci95``, and ``val/accuracy``, ``val/accuracy_ci95`` for
     classification; ``test/...`` alike); ``trainer.validate`` and ``trainer.test`` (with ``verbose=True``, the
-    default) also print them as a table, with the number of episodes. Adaptation needs autograd, which is
-    re-enabled locally, so the default ``Trainer()`` (evaluation under ``torch.inference_mode``) works unchanged.
+    default) also print them as a table, with the number of episodes (and Lightning's own table is left out).
+    Adaptation needs autograd, which is re-enabled locally, so the default ``Trainer()`` (evaluation under
+    ``torch.inference_mode``) works unchanged. The episode work is :mod:`lightning_contrastive.evaluation`'s.
+
+    **Using what was learned.** ``module(x_support, y_support, x_query)`` adapts and predicts; :meth:`adapt` gives a
+    task's adapted network, :meth:`meta_learned_network` the start of every task, :meth:`export` both as plain files.
+
+    **Lightning packages.** This class is built on ``pytorch_lightning``; the same class on the unified ``lightning``
+    package is ``lightning_contrastive.lightning.MetaLearningModule`` (:mod:`lightning_contrastive.compat.flavours`).
 
     **Checkpoints.** Under ``LightningCLI`` the hyperparameters saved are the parsed configuration
     (``class_path``/``init_args`` of learner, estimator, optimizer and scheduler), so
     ``MetaLearningModule.load_from_checkpoint(path)`` rebuilds the module by itself. Objects built in
     Python (modules, estimator instances, optimizer callables, which may be lambdas) are not stored in the
-    checkpoint; pass them again: ``load_from_checkpoint(path, learner=..., estimator=...)``.
+    checkpoint; pass them again: ``load_from_checkpoint(path, learner=..., estimator=...)``. A checkpoint that does
+    not fit the module is refused before loading (:mod:`lightning_contrastive.checkpoints`).
 
     Args:
         learner: what is meta-learned, e.g. :class:`~lightning_contrastive.ComplexSynapse`.
@@ -285,13 +293,10 @@ class MetaLearningModule(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint from an incompatible configuration, naming the keys that differ.
+        """Refuse a checkpoint that does not fit this module (``ValueError`` naming the keys), before its weights load.
 
-        Runs before the weights are loaded, for ``Trainer.fit(..., ckpt_path=...)`` and ``load_from_checkpoint``
-        alike. Incompatible: the checkpoint's tensors do not fit this module (missing, extra or reshaped), or the
-        configuration saved with it (under LightningCLI) differs in the learner or the outer optimizer, whose
-        state would be restored into the wrong parameters or the wrong algorithm. The estimator and schedules may
-        change (e.g. more inner steps at test time). Also restores the count of skipped tasks.
+        For ``Trainer.fit(..., ckpt_path=...)`` and ``load_from_checkpoint`` alike; what must match is
+        :func:`~lightning_contrastive.checkpoints.checkpoint_problems`'s. Also restores the count of skipped tasks.
         """
         check_checkpoint_fits(checkpoint, self.state_dict(), self.hparams)
         self.skipped_tasks_total = checkpoint.get("skipped_tasks_total", 0)

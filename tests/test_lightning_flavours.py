@@ -150,17 +150,20 @@ def test_the_cli_of_each_flavour_builds_that_flavour_from_a_shipped_config(tmp_p
         assert type(cli.model.estimator) is Contrastive  # the core is shared
 
 
-def imported_lightning_packages(*modules: str) -> set[str]:
-    """Which of the two Lightning packages a fresh interpreter has loaded after importing ``modules``."""
-    packages = {"lightning", "pytorch_lightning"}
-    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(*{packages!r} & set(sys.modules))"
+def imported_lightning_packages(*steps: list[str]) -> list[set[str]]:
+    """In one fresh interpreter: after importing each step's modules in turn, which Lightning packages are loaded."""
+    report = "print(*{'lightning', 'pytorch_lightning'} & set(sys.modules), sep=',')\n"
+    code = "import sys\n" + "".join(f"for m in {modules!r}: __import__(m)\n{report}" for modules in steps)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return set(run.stdout.split())
+    return [set(filter(None, line.split(","))) for line in run.stdout.splitlines()]
 
 
 def test_the_core_imports_no_lightning_package_and_each_flavour_only_its_own() -> None:
-    core = ["learners", "estimators", "meta_gradient", "evaluation", "checkpoints"]
-    assert imported_lightning_packages("lightning_contrastive", *(f"lightning_contrastive.{m}" for m in core)) == set()
+    core = ["lightning_contrastive"]
+    core += [
+        f"lightning_contrastive.{m}" for m in ("learners", "estimators", "meta_gradient", "evaluation", "checkpoints")
+    ]
     facing = ["module", "cli", "callbacks", "data", "loggers"]
-    assert imported_lightning_packages(*(f"lightning_contrastive.{m}" for m in facing)) == {"pytorch_lightning"}
-    assert imported_lightning_packages(*(f"lightning_contrastive.lightning.{m}" for m in facing)) == {"lightning"}
+    unified = [f"lightning_contrastive.lightning.{m}" for m in facing]
+    assert imported_lightning_packages(core, unified) == [set(), {"lightning"}]
+    assert imported_lightning_packages([f"lightning_contrastive.{m}" for m in facing]) == [{"pytorch_lightning"}]

@@ -296,6 +296,7 @@ def test_checkpoint_of_a_module_built_in_python_loads_with_its_learner_and_estim
         "lr_scheduler_interval": "step",
         "on_inner_fault": "stop",
         "batched": None,
+        "cpu_threads": "auto",
     }
     restored = MetaLearningModule.load_from_checkpoint(
         path, learner=ComplexSynapse(MLP(hidden=(16,)), loss="mse"), estimator=module.estimator

@@ -61,7 +61,10 @@ def module(
     torch.manual_seed(init_seed)
     return MetaLearningModule(
         ComplexSynapse(backbone(), loss=loss, init_lambda=1.0),
-        Contrastive(beta=0.1, inner_steps=4, nudged_steps=2, inner_lr=0.02, query_subsample=query_subsample),
+        # nudge="full": the nudged phases evaluate the query set, where query_subsample draws at random
+        Contrastive(
+            beta=0.1, inner_steps=4, nudged_steps=2, inner_lr=0.02, nudge="full", query_subsample=query_subsample
+        ),
         optimizer=partial(torch.optim.Adam, lr=0.01),
         lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5),
     )

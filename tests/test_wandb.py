@@ -126,6 +126,7 @@ def test_a_cli_run_logs_the_whole_config_and_namespaced_metrics(
     assert run.config["trainer"]["max_steps"] == 2
     assert run.config["trainer"]["logger"]["class_path"].endswith("OfflineFallbackWandbLogger")
     assert [callback["class_path"].rsplit(".", 1)[1] for callback in run.config["trainer"]["callbacks"]] == [
+        "ModelCheckpoint",
         "MetaGradientMonitor",
         "InnerLoopMonitor",
         "EstimatorAgreement",

@@ -148,6 +148,8 @@ def test_the_cli_of_each_flavour_builds_that_flavour_from_a_shipped_config(tmp_p
             assert any(name.startswith(f"{package}.") for name in modules), (package, built)
             assert not any(name.startswith(f"{other}.") for name in modules), (package, built)
         assert type(cli.model.estimator) is Contrastive  # the core is shared
+        # the parsed configuration became the hyperparameters, so load_from_checkpoint rebuilds the module alone
+        assert cli.model.hparams["learner"]["class_path"] == "lightning_contrastive.ComplexSynapse"
 
 
 def imported_lightning_packages(*steps: list[str]) -> list[set[str]]:

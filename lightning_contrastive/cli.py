@@ -133,8 +133,9 @@ class MetaLearningCLI(LightningCLI):
         ``ModelCheckpoint``\\ s save it (the shipped configs fix that folder); a path must exist.
         """
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path is None or ckpt_path in ("hpc", "registry") or ":" in str(ckpt_path).split("/")[0]:
-            return
+        name = str(ckpt_path)
+        if ckpt_path is None or name in ("hpc", "registry") or name.startswith("registry:") or "://" in name:
+            return  # none asked for, or Lightning's to resolve: HPC, the model registry, remote storage
         folders = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
         if ckpt_path == "last":
             if not [path for folder in folders for path in folder.glob("last*.ckpt")]:

@@ -134,9 +134,12 @@ def test_our_callback_of_the_other_package_names_the_import_to_use(ours: str, tm
         trainer(FLAVOURS[other], tmp_path, 1, callback).fit(tiny_module(FLAVOURS[other]), tiny_data(FLAVOURS[other]))
 
 
-def test_the_cli_of_each_flavour_builds_that_flavour_from_a_shipped_config(tmp_path: Path) -> None:
+def test_the_cli_of_each_flavour_builds_that_flavour_from_a_shipped_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Short class names in the configs (``ModelCheckpoint``, ``OfflineFallbackWandbLogger``, ``MetaGradientMonitor``,
     ``SinusoidDataModule``) resolve to the running CLI's package, with both flavours imported in this process."""
+    monkeypatch.setattr(sys, "argv", ["lightning-contrastive"])  # the CLI's arguments are `args`, not pytest's
     arguments = [f"--config={CONFIGS / 'sinusoid' / 'contrastive.yaml'}", f"--trainer.default_root_dir={tmp_path}"]
     for package, other, cli_module in (
         ("pytorch_lightning", "lightning.pytorch", "lightning_contrastive.cli"),

@@ -5,12 +5,17 @@ The learners, estimators and meta-gradients import no Lightning package. ``MetaL
 the unified ``lightning`` package are in :mod:`lightning_contrastive.lightning`.
 """
 
+from typing import TYPE_CHECKING
+
 from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
 from lightning_contrastive.faults import InnerFault, InnerLoopError
 from lightning_contrastive.inner import InnerSGD
 from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.meta_gradient import MetaEstimate, estimate, meta_gradient
 from lightning_contrastive.tasks import Split, Task, split_batch
+
+if TYPE_CHECKING:  # imported on first use at run time (__getattr__ below); named here for type checkers
+    from lightning_contrastive.module import MetaLearningModule
 
 __all__ = [
     "MAML",

@@ -172,3 +172,27 @@ def test_the_core_imports_no_lightning_package_and_each_flavour_only_its_own() -
     unified = [f"lightning_contrastive.lightning.{m}" for m in facing]
     assert imported_lightning_packages(core, unified) == [set(), {"lightning"}]
     assert imported_lightning_packages([f"lightning_contrastive.{m}" for m in facing]) == [{"pytorch_lightning"}]
+
+
+def test_with_only_the_unified_package_its_flavour_works_and_the_other_says_what_to_import() -> None:
+    """``pytorch_lightning`` made unimportable: the ``lightning`` flavour trains, the default names its alternative."""
+    code = """
+import sys
+sys.modules["pytorch_lightning"] = None  # as if not installed
+import lightning as L
+from lightning_contrastive.lightning import ComplexSynapse, FirstOrderMAML, MetaLearningModule
+from lightning_contrastive.lightning.data import SinusoidDataModule
+from lightning_contrastive.networks import MLP
+module = MetaLearningModule(ComplexSynapse(MLP(hidden=[4]), loss="mse"), FirstOrderMAML(inner_steps=2))
+trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=0)
+trainer.fit(module, SinusoidDataModule(batch_size=2, num_eval_tasks=2))
+print("steps", trainer.global_step)
+try:
+    from lightning_contrastive import MetaLearningModule
+except ImportError as error:
+    print(error)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "steps 1" in run.stdout
+    assert "use `from lightning_contrastive.lightning import MetaLearningModule`" in run.stdout

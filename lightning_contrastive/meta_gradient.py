@@ -26,12 +26,15 @@ class MetaEstimate:
         tasks: each kept task's :class:`TaskEstimate`, in batch order.
         kept: the kept tasks' indices in the batch (all of them unless faulty tasks were skipped).
         skipped: the faulty tasks that were left out (only under ``on_fault="skip"``).
+        inputs: the kept tasks as the estimator saw them (split from the batch, cast to the compute dtype and
+            checked), in the order of ``tasks``, so that a caller scoring them need not split the batch again.
     """
 
     surrogate: Tensor
     tasks: list[TaskEstimate]
     kept: list[int]
     skipped: list[InnerFault]
+    inputs: list[Task]
 
 
 def compute_dtype(learner: Learner, estimator: Estimator | None = None) -> torch.dtype:
@@ -168,7 +171,7 @@ def estimate(
             surrogate = torch.stack([r.surrogate for r in results]).mean()
         else:  # every task failed: a surrogate whose gradient is zero, so that each meta-parameter still gets one
             surrogate = torch.stack([(0 * p).sum() for p in meta.values()]).sum()
-    return MetaEstimate(surrogate=surrogate, tasks=results, kept=kept, skipped=skipped)
+    return MetaEstimate(surrogate=surrogate, tasks=results, kept=kept, skipped=skipped, inputs=[tasks[i] for i in kept])
 
 
 def vmapped_task_estimates(

@@ -35,9 +35,8 @@ from lightning_contrastive.evaluation import (
 )
 from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import FaultPolicy, cast_task, compute_dtype, estimate
+from lightning_contrastive.meta_gradient import FaultPolicy, estimate
 from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
-from lightning_contrastive.tasks import split_batch
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +249,7 @@ class MetaLearningModule(pl.LightningModule):
             self._count_skipped(result.skipped)
         if not result.tasks:
             return result.surrogate if self.trainer.world_size > 1 else None
-        dtype, kept = compute_dtype(self.learner), set(result.kept)
-        tasks = [cast_task(task, dtype) for i, task in enumerate(split_batch(batch)) if i in kept]
+        tasks = result.inputs
         per_episode = query_metrics(self.learner, tasks, [task.adapted for task in result.tasks])
         inner_losses = {
             f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()

@@ -17,7 +17,7 @@ from lightning_contrastive.inner import InnerSGD, minimise
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.meta_gradient import cast_task, compute_dtype
 from lightning_contrastive.module import MetaLearningModule
-from lightning_contrastive.tasks import Params, Task, split_batch
+from lightning_contrastive.tasks import Params, split_batch
 
 
 @dataclass(frozen=True)
@@ -38,33 +38,33 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
     """Re-run ``estimator``'s inner phases on every task of ``batch``, recording the objective at every step.
 
     The phases are the estimator's own: for :class:`~lightning_contrastive.Contrastive` the free phase
-    (``inner_steps`` on ``L_in``) and the nudged phase(s) (``nudged_steps`` on ``L_in + beta L_query``, and
-    ``L_in - beta L_query`` when symmetric, warm-started from the free solution), named ``free``,
-    ``nudged_pos``, ``nudged_neg``; for any other estimator the adaptation phase (``adaptation_steps`` on
-    ``L_in``), named ``free``. Each runs with the estimator's inner optimizer through the engine's
-    :func:`~lightning_contrastive.inner.minimise` at the detached meta-parameters, in the estimators' compute
-    dtype, so its values are those of training (except with ``Contrastive(query_subsample=...)``, whose nudged
-    steps see random subsets of the queries: here they see all of them, the objective the subsets estimate).
+    (``inner_steps`` on ``L_in``) and the nudged phase(s) (``nudged_steps`` on ``Contrastive.nudged_objectives``:
+    ``L_in +- beta <g, phi - phi_0>`` for the linear nudge, ``L_in +- beta L_query`` for the full one,
+    warm-started from the free solution), named ``free``, ``nudged_pos``, ``nudged_neg``; for any other
+    estimator the adaptation phase (``adaptation_steps`` on ``L_in``), named ``free``. Each runs with the
+    estimator's inner optimizer through the engine's :func:`~lightning_contrastive.inner.minimise` at the
+    detached meta-parameters, in the estimator's compute dtype, so its values are those of training (except with
+    ``Contrastive(query_subsample=...)``, whose nudged steps see random subsets of the queries: here they see all
+    of them, the objective the subsets estimate).
     Cost: one more first-order run of the phases, plus one gradient per phase for the residual; no state changes.
     """
-    dtype = compute_dtype(learner)
+    dtype = compute_dtype(learner, estimator)
     device_type = next(learner.parameters()).device.type
     per_task: dict[str, list[PhaseTrace]] = {}
     with torch.enable_grad(), torch.autocast(device_type, enabled=False):
         meta = {name: p.detach().to(dtype) for name, p in learner.named_meta_parameters()}
         for task in (cast_task(task, dtype) for task in split_batch(batch)):
             free, trace = _traced(
-                _augmented_loss(learner, meta, task, 0.0),
+                lambda fast, task=task: learner.inner_loss(fast, meta, task.support),
                 learner.init_fast(meta),
                 estimator.adaptation_steps,
                 estimator.inner_optimizer,
             )
             per_task.setdefault("free", []).append(trace)
-            for phase, beta in _nudges(estimator).items():
-                _, trace = _traced(
-                    _augmented_loss(learner, meta, task, beta), free, estimator.nudged_steps, estimator.nudged_optimizer
-                )
-                per_task.setdefault(phase, []).append(trace)
+            if isinstance(estimator, Contrastive):
+                for phase, objective in estimator.nudged_objectives(learner, meta, task, free).items():
+                    _, trace = _traced(objective, free, estimator.nudged_steps, estimator.nudged_optimizer)
+                    per_task.setdefault(phase, []).append(trace)
     return {
         phase: PhaseTrace(
             losses=torch.stack([trace.losses for trace in traces]).mean(0),
@@ -72,20 +72,6 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
         )
         for phase, traces in per_task.items()
     }
-
-
-def _nudges(estimator: Estimator) -> dict[str, float]:
-    """The nudged phases of ``estimator`` and their ``beta``, by the names the module logs them under."""
-    if not isinstance(estimator, Contrastive):
-        return {}
-    return {"nudged_pos": estimator.beta, **({"nudged_neg": -estimator.beta} if estimator.symmetric else {})}
-
-
-def _augmented_loss(learner: Learner, meta: Params, task: Task, beta: float) -> Callable[[Params], Tensor]:
-    """``L_beta(phi) = L_in(phi) + beta L_query(phi)`` at fixed ``meta``; ``L_in`` alone for ``beta = 0``."""
-    if not beta:
-        return lambda fast: learner.inner_loss(fast, meta, task.support)
-    return lambda fast: learner.inner_loss(fast, meta, task.support) + beta * learner.query_loss(fast, meta, task.query)
 
 
 def _traced(

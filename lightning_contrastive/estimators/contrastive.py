@@ -137,17 +137,39 @@ class Contrastive(Estimator):
             return self._linear_nudge(learner, meta, task, free)
         return self._full_nudge(learner, meta, task, free)
 
+    def nudged_objectives(
+        self, learner: Learner, meta: Params, task: Task, origin: Params
+    ) -> dict[str, Callable[[Params], Tensor]]:
+        """What each nudged phase descends from ``origin = phi_0``, at fixed ``meta``, by the name its loss and fault
+        are reported under: ``nudged_pos`` (``+beta``) and, when symmetric, ``nudged_neg`` (``-beta``).
+
+        Linear nudge: ``L_in + beta <g, phi - phi_0>``, ``g`` computed here (one query pass); full nudge:
+        ``L_in + beta L_query`` on every query (the objective that ``query_subsample`` estimates). For diagnostics
+        (:class:`~lightning_contrastive.callbacks.InnerLoopMonitor`); :meth:`task_estimate` builds the same ones.
+        """
+        frozen = detached(meta)
+        if self.nudge == "linear":
+            query_grad, _ = _query_gradient(learner, frozen, origin, task.query)
+            return {
+                name: _linear_objective(learner, frozen, task.support, origin, query_grad, beta)
+                for name, beta in self._betas().items()
+            }
+        every_query = itertools.repeat(task.query)
+        return {
+            name: _full_objective(learner, frozen, task.support, every_query, beta)
+            for name, beta in self._betas().items()
+        }
+
+    def _betas(self) -> dict[str, float]:
+        return {"nudged_pos": self.beta, **({"nudged_neg": -self.beta} if self.symmetric else {})}
+
     def _linear_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
         frozen = detached(meta)
-        origin = free.params
-        query_grad, direct = _query_gradient(learner, meta, origin, task.query)
+        query_grad, direct = _query_gradient(learner, meta, free.params, task.query)
 
         def nudged(beta: float) -> Phase:
-            def objective(fast: Params) -> Tensor:
-                pull = sum((query_grad[name] * (p - origin[name])).sum() for name, p in fast.items())
-                return learner.inner_loss(fast, frozen, task.support) + beta * pull
-
-            return minimise(objective, origin, self.nudged_steps, self.nudged_optimizer)
+            objective = _linear_objective(learner, frozen, task.support, free.params, query_grad, beta)
+            return minimise(objective, free.params, self.nudged_steps, self.nudged_optimizer)
 
         def difference_term(phase: Phase, beta: float) -> Tensor:
             return learner.inner_loss(phase.params, meta, task.support)
@@ -158,16 +180,8 @@ class Contrastive(Estimator):
         frozen = detached(meta)
 
         def nudged(beta: float) -> Phase:
-            queries = self._nudged_queries(task.query)
-            return minimise(
-                lambda fast: (
-                    learner.inner_loss(fast, frozen, task.support)
-                    + beta * learner.query_loss(fast, frozen, next(queries))
-                ),
-                free.params,
-                self.nudged_steps,
-                self.nudged_optimizer,
-            )
+            objective = _full_objective(learner, frozen, task.support, self._nudged_queries(task.query), beta)
+            return minimise(objective, free.params, self.nudged_steps, self.nudged_optimizer)
 
         def difference_term(phase: Phase, beta: float) -> Tensor:
             inner = learner.inner_loss(phase.params, meta, task.support)
@@ -219,6 +233,25 @@ class Contrastive(Estimator):
             return itertools.repeat(query)
         rows = torch.rand(self.nudged_steps, count, device=query.y.device).argsort(dim=1)[:, : self.query_subsample]
         return (Split(query.x[indices], query.y[indices]) for indices in rows)
+
+
+def _linear_objective(
+    learner: Learner, meta: Params, support: Split, origin: Params, query_grad: Params, beta: float
+) -> Callable[[Params], Tensor]:
+    """``phi -> L_in(phi, meta) + beta <g, phi - phi_0>``: the linear nudge's phase objective (no query set in it)."""
+
+    def objective(fast: Params) -> Tensor:
+        pull = sum((query_grad[name] * (p - origin[name])).sum() for name, p in fast.items())
+        return learner.inner_loss(fast, meta, support) + beta * pull
+
+    return objective
+
+
+def _full_objective(
+    learner: Learner, meta: Params, support: Split, queries: Iterator[Split], beta: float
+) -> Callable[[Params], Tensor]:
+    """``phi -> L_in(phi, meta) + beta L_query(phi, meta)``, each call on the next query set of ``queries``."""
+    return lambda fast: learner.inner_loss(fast, meta, support) + beta * learner.query_loss(fast, meta, next(queries))
 
 
 def _query_gradient(learner: Learner, meta: Params, fast: Params, query: Split) -> tuple[Params, Tensor]:

@@ -36,18 +36,30 @@ def expected_traces(module: MetaLearningModule, batch: dict) -> dict[str, tuple[
     per_phase: dict[str, list[tuple[list[float], float]]] = {}
     for task in split_batch(batch):
 
-        def augmented(beta: float, task=task):
+        def nudged(beta: float, origin: Params, task=task):
+            """``L_in + beta L_query`` (full) or ``L_in + beta <dL_query/dphi(origin), phi - origin>`` (linear)."""
+            if estimator.nudge == "full":
+                return lambda fast: (
+                    learner.inner_loss(fast, meta, task.support) + beta * learner.query_loss(fast, meta, task.query)
+                )
+            at = {name: p.detach().requires_grad_() for name, p in origin.items()}
+            slope = torch.autograd.grad(learner.query_loss(at, meta, task.query), list(at.values()))
             return lambda fast: (
-                learner.inner_loss(fast, meta, task.support) + beta * learner.query_loss(fast, meta, task.query)
+                learner.inner_loss(fast, meta, task.support)
+                + beta * sum((g * (fast[name] - origin[name])).sum() for name, g in zip(origin, slope, strict=True))
             )
 
         free, losses, residual = heavy_ball(
-            augmented(0.0), learner.init_fast(meta), estimator.adaptation_steps, lr, momentum
+            lambda fast, task=task: learner.inner_loss(fast, meta, task.support),
+            learner.init_fast(meta),
+            estimator.adaptation_steps,
+            lr,
+            momentum,
         )
         per_phase.setdefault("free", []).append((losses, residual))
         if isinstance(estimator, Contrastive):
             for phase, beta in (("nudged_pos", estimator.beta), ("nudged_neg", -estimator.beta)):
-                _, losses, residual = heavy_ball(augmented(beta), free, estimator.nudged_steps, lr, momentum)
+                _, losses, residual = heavy_ball(nudged(beta, free), free, estimator.nudged_steps, lr, momentum)
                 per_phase.setdefault(phase, []).append((losses, residual))
     return {
         phase: (torch.tensor([losses for losses, _ in traces]).mean(0), sum(r for _, r in traces) / len(traces))
@@ -55,9 +67,11 @@ def expected_traces(module: MetaLearningModule, batch: dict) -> dict[str, tuple[
     }
 
 
-def test_logs_each_phase_residual_and_keeps_its_loss_curve(fit, small_module, sinusoid_batches) -> None:
-    module, batches = small_module(), sinusoid_batches(2)
-    expected = expected_traces(small_module(), batches[0])
+@pytest.mark.parametrize("nudge", ["linear", "full"])
+def test_logs_each_phase_residual_and_keeps_its_loss_curve(nudge, fit, small_module, sinusoid_batches) -> None:
+    estimator = Contrastive(beta=0.05, inner_steps=5, nudged_steps=3, nudge=nudge, inner_lr=0.01)
+    module, batches = small_module(estimator=estimator), sinusoid_batches(2)
+    expected = expected_traces(small_module(estimator=estimator), batches[0])
     monitor = InnerLoopMonitor(every_n_steps=5)
 
     logged = fit(module, batches, [monitor])

@@ -1,4 +1,5 @@
-"""Callbacks that observe meta-training (meta-gradients, inner loops, estimator agreement, learning curves) or steer it (beta).
+"""Callbacks that observe meta-training (meta-gradients, inner loops, estimator agreement, learning curves)
+or steer it (beta).
 
 Each works from YAML under ``trainer.callbacks`` (``class_path: lightning_contrastive.callbacks.<Name>``, or
 the short name with the ``lightning-contrastive`` CLI) and needs a

@@ -50,7 +50,9 @@ def main() -> None:
     )
     module = MetaLearningModule(
         learner=ComplexSynapse(MLP(in_features=1, hidden=(40, 40), out_features=1), loss="mse", init_lambda=1.0),
-        estimator=Contrastive(beta=0.03, symmetric=True, inner_steps=20, nudged_steps=10, inner_lr=0.005),
+        estimator=Contrastive(
+            beta=0.03, symmetric=True, inner_steps=20, nudged_steps=10, nudge="linear", inner_lr=0.005
+        ),
         optimizer=partial(torch.optim.Adam, lr=3e-3),
     )
     trainer = pl.Trainer(

@@ -168,42 +168,45 @@ class Contrastive(Estimator):
         frozen = detached(meta)
         query_grad, direct = _query_gradient(learner, meta, free.params, task.query)
 
-        def nudged(beta: float) -> Phase:
-            objective = _linear_objective(learner, frozen, task.support, free.params, query_grad, beta)
-            return minimise(objective, free.params, self.nudged_steps, self.nudged_optimizer)
+        def objective(beta: float) -> Callable[[Params], Tensor]:
+            return _linear_objective(learner, frozen, task.support, free.params, query_grad, beta)
 
         def difference_term(phase: Phase, beta: float) -> Tensor:
             return learner.inner_loss(phase.params, meta, task.support)
 
-        return self._estimate(free, nudged, difference_term, direct)
+        return self._estimate(free, objective, difference_term, direct)
 
     def _full_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
         frozen = detached(meta)
 
-        def nudged(beta: float) -> Phase:
-            objective = _full_objective(learner, frozen, task.support, self._nudged_queries(task.query), beta)
-            return minimise(objective, free.params, self.nudged_steps, self.nudged_optimizer)
+        def objective(beta: float) -> Callable[[Params], Tensor]:
+            return _full_objective(learner, frozen, task.support, self._nudged_queries(task.query), beta)
 
         def difference_term(phase: Phase, beta: float) -> Tensor:
             inner = learner.inner_loss(phase.params, meta, task.support)
             return inner + beta * learner.query_loss(phase.params, meta, task.query) if beta else inner
 
-        return self._estimate(free, nudged, difference_term)
+        return self._estimate(free, objective, difference_term)
 
     def _estimate(
         self,
         free: Phase,
-        nudged: Callable[[float], Phase],
+        objective: Callable[[float], Callable[[Params], Tensor]],
         difference_term: Callable[[Phase, float], Tensor],
         direct: Tensor | None = None,
     ) -> TaskEstimate:
         """The surrogate and faults of either nudge.
 
-        ``nudged(beta)`` runs a nudged phase from ``phi_0``; ``difference_term(phase, beta)`` is the loss, live in
+        ``objective(beta)`` is what a nudged phase descends, warm-started from ``phi_0`` with zero velocity;
+        ``difference_term(phase, beta)`` is the loss, live in
         ``theta``, at the phase's detached solution whose difference between phases, over ``beta`` (one-sided) or
         ``2 beta`` (symmetric), is the estimate; ``direct`` (linear nudge) is ``L_query(sg phi_0, theta)``, added
         once.
         """
+
+        def nudged(beta: float) -> Phase:
+            return minimise(objective(beta), free.params, self.nudged_steps, self.nudged_optimizer)
+
         plus = nudged(self.beta)
         # The divergence scale |L_in(phi_0)| + beta |L_query(phi_0)|, with the free phase's last objective for
         # L_in(phi_0); the full nudge's first step evaluated L_in + beta L_query at phi_0, so its query term is free.

@@ -7,7 +7,7 @@ fast tests that cover that code (``pytest -x``, no ``slow`` tests); the mutation
 A baseline run of the same tests on the unmutated copy comes first: they must pass, or "killed" would mean nothing;
 a mutation that stops pytest itself (an import error) is reported as an error, not as killed.
 
-    python benchmarks/mutations.py            # every mutation, a table of killed/survived (about 4 minutes)
+    python benchmarks/mutations.py            # every mutation, a table of killed/survived (about 5 minutes)
     python benchmarks/mutations.py -k pull    # only mutations whose name contains "pull"
 
 Exits with status 1 if any mutation survives, and 2 if a mutation no longer applies (its text is not in the source
@@ -205,6 +205,27 @@ MUTATIONS = [
         "along_units(gain, bias) * bias + along_units(shift, bias)",
         "bias + along_units(shift, bias)",
         ("tests/learners/test_export.py",),
+    ),
+    Mutation(
+        "implicit: non-positive curvature not flagged",
+        "lightning_contrastive/estimators/implicit.py",
+        "failed = failed | (active & ~(curvature > 0))",
+        "failed = failed",
+        ("tests/estimators/test_implicit.py",),
+    ),
+    Mutation(
+        "divergence scale |L_in + beta L_query|, which losses of both signs cancel",
+        CONTRASTIVE,
+        "scale = free.loss.abs() + query_term",
+        "scale = plus.start_loss.abs()",
+        ("tests/test_faults.py::test_the_divergence_scale_holds_for_losses_that_cancel_or_go_negative",),
+    ),
+    Mutation(
+        "TF32 matrix products left as the caller set them",
+        "lightning_contrastive/meta_gradient.py",
+        '("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")',
+        '("cudnn.conv", "cudnn.rnn", "mkldnn.conv", "mkldnn.rnn")',
+        ("tests/test_precision.py",),
     ),
 ]
 

@@ -139,9 +139,9 @@ def plain_tensors(batch: Any) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
 
 
-def frozen_meta(learner: Learner) -> Params:
-    """The learner's meta-parameters, detached and in the estimators' compute dtype."""
-    dtype = compute_dtype(learner)
+def frozen_meta(learner: Learner, estimator: Estimator) -> Params:
+    """The learner's meta-parameters, detached and in ``estimator``'s compute dtype, the dtype training adapts in."""
+    dtype = compute_dtype(learner, estimator)
     return {name: p.detach().to(dtype) for name, p in learner.named_meta_parameters()}
 
 
@@ -152,7 +152,7 @@ def adapt_tasks(learner: Learner, estimator: Estimator, batch: Any) -> tuple[lis
     Runs with autograd re-enabled on copies of the batch's tensors, so it works under ``no_grad`` and
     ``inference_mode`` alike, and with IEEE float32 convolutions, as the training estimate does.
     """
-    meta = frozen_meta(learner)
+    meta = frozen_meta(learner, estimator)
     dtype = next(iter(meta.values())).dtype
     with autograd_enabled(next(iter(meta.values())).device.type), ieee_float32():
         tasks = [cast_task(task, dtype) for task in split_batch(plain_tensors(batch))]
@@ -161,12 +161,15 @@ def adapt_tasks(learner: Learner, estimator: Estimator, batch: Any) -> tuple[lis
         return tasks, [estimator.adapt(learner, meta, task.support).params for task in tasks]
 
 
-def query_metrics(learner: Learner, tasks: list[Task], adapted: list[Params]) -> dict[str, Tensor]:
-    """Per-episode query loss, and accuracy for a classification learner, at each task's adapted fast parameters.
+def query_metrics(
+    learner: Learner, estimator: Estimator, tasks: list[Task], adapted: list[Params]
+) -> dict[str, Tensor]:
+    """Per-episode query loss, and accuracy for a classification learner, at each task's adapted fast parameters
+    (``estimator``'s, so in its compute dtype).
 
     One value per task in each tensor: ``{"query_loss": (tasks,), "accuracy": (tasks,)}``.
     """
-    meta = frozen_meta(learner)
+    meta = frozen_meta(learner, estimator)
     classification = learner.loss_name == "cross_entropy"
     losses, accuracies = [], []
     with torch.no_grad(), torch.autocast(next(iter(meta.values())).device.type, enabled=False):

@@ -250,7 +250,7 @@ class MetaLearningModule(pl.LightningModule):
         if not result.tasks:
             return result.surrogate if self.trainer.world_size > 1 else None
         tasks = result.inputs
-        per_episode = query_metrics(self.learner, tasks, [task.adapted for task in result.tasks])
+        per_episode = query_metrics(self.learner, self.estimator, tasks, [task.adapted for task in result.tasks])
         inner_losses = {
             f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
             for phase in result.tasks[0].inner_losses
@@ -327,7 +327,9 @@ class MetaLearningModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Adapt to each task's support set and record its query loss (and accuracy) per episode."""
-        self.val_episodes.update(**query_metrics(self.learner, *adapt_tasks(self.learner, self.estimator, batch)))
+        self.val_episodes.update(
+            **query_metrics(self.learner, self.estimator, *adapt_tasks(self.learner, self.estimator, batch))
+        )
 
     def on_validation_epoch_end(self) -> None:
         self._log_summary("val", self.val_episodes)
@@ -337,7 +339,9 @@ class MetaLearningModule(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """As :meth:`validation_step`, for the test episodes."""
-        self.test_episodes.update(**query_metrics(self.learner, *adapt_tasks(self.learner, self.estimator, batch)))
+        self.test_episodes.update(
+            **query_metrics(self.learner, self.estimator, *adapt_tasks(self.learner, self.estimator, batch))
+        )
 
     def on_test_epoch_end(self) -> None:
         self._log_summary("test", self.test_episodes)
@@ -348,7 +352,7 @@ class MetaLearningModule(pl.LightningModule):
         The query targets are not used (any placeholder of the right shape will do).
         """
         tasks, adapted = adapt_tasks(self.learner, self.estimator, batch)
-        meta = frozen_meta(self.learner)
+        meta = frozen_meta(self.learner, self.estimator)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             return torch.stack(
                 [self.learner.predict(fast, meta, task.query.x) for task, fast in zip(tasks, adapted, strict=True)]

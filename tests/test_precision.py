@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from lightning_contrastive import ComplexSynapse, Contrastive, meta_gradient
+from lightning_contrastive import ComplexSynapse, Contrastive, DualSystem, MetaLearningModule, meta_gradient
 from lightning_contrastive.tasks import Params, Split
 
 # Written out rather than imported, so that dropping a backend from the library's guard fails this test.
@@ -89,3 +91,21 @@ def test_float64_precision_runs_a_float32_learner_in_float64_and_returns_float32
 def test_an_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match='precision must be "float32" or "float64"'):
         Contrastive(precision="float16")  # type: ignore[arg-type]
+
+
+def test_a_float64_estimator_trains_and_evaluates_a_float32_dual_system_in_the_module() -> None:
+    """The training step scores, and validation adapts, in the estimator's dtype: the dual system's slow weights
+    enter its predictions, so meta-parameters left in float32 would meet float64 fast weights and inputs."""
+    torch.manual_seed(0)
+    module = MetaLearningModule(
+        DualSystem(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), loss="cross_entropy"),
+        Contrastive(beta=0.1, inner_steps=3, precision="float64"),
+    )
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    episodes = DataLoader([batch()], batch_size=None)
+    trainer.fit(module, train_dataloaders=episodes, val_dataloaders=episodes)
+    assert trainer.global_step == 1
+    (result,) = trainer.validate(module, dataloaders=episodes, verbose=False)
+    assert 0.0 <= result["val/accuracy"] <= 1.0

@@ -1,0 +1,141 @@
+"""How the contrastive estimate drifts from MAML's meta-gradient as meta-training moves (issue 17).
+
+Users adapt with ``T`` inner steps at test time, so the objective they get is ``L_query(phi_T(theta))``, whose
+exact gradient is MAML's at ``T`` steps. The contrastive rule estimates the gradient of ``L_query(phi*(theta))``
+at the inner *solution*, which ``T`` steps approach only where the inner problem is well conditioned. This script
+reads the checkpoints of one meta-training run and, at each, on the same held training batches, compares:
+
+- the contrastive estimate with the linear nudge (``T`` free / ``T`` nudged steps) and the full nudge, and the
+  linear nudge with ``--long`` steps per phase, against MAML's ``T``-step meta-gradient (cosine, all
+  meta-parameters and ``omega`` alone);
+- the norms of MAML's meta-gradient and of the ``T``-step linear estimate;
+- how far ``T`` free steps are from the inner solution: ``|dL_in/dphi(phi_T)| / |dL_in/dphi(phi_0)|``, the
+  gradient norm left after adaptation relative to the start (0 at a solution);
+- ``|omega|`` over the convolutions, which BatchNorm makes scale-free: a growing norm shrinks the effective
+  inner learning rate of those weights, so the same ``T`` steps converge less.
+
+Cost per checkpoint: one meta-gradient of each estimator on ``--batches`` training batches (about 30 s on
+Omniglot 20-way with the defaults, one thread).
+
+Keep a run's checkpoints, e.g. ``ModelCheckpoint(every_n_train_steps=50, save_top_k=-1)``, then::
+
+    python benchmarks/estimate_drift.py --config configs/reproduce/omniglot_20way_long/complex_synapse__maml.yaml \\
+        --checkpoints runs/maml/*.ckpt --set=--data.root=../shared/data/omniglot
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_contrastive import MAML, Contrastive
+from lightning_contrastive.callbacks.estimator_agreement import agreement
+from lightning_contrastive.cli import MetaLearningCLI
+from lightning_contrastive.estimators import Estimator
+from lightning_contrastive.evaluation import adapt_tasks, frozen_meta
+from lightning_contrastive.meta_gradient import meta_gradient
+from lightning_contrastive.module import MetaLearningModule
+
+
+def estimators(reference: Estimator, beta: float, long: int) -> dict[str, Estimator]:
+    """MAML at the run's inner steps and SGD, and the contrastive rules compared with it, on the same SGD."""
+    steps = reference.adaptation_steps
+    sgd = {"inner_lr": reference.inner_optimizer.lr, "inner_momentum": reference.inner_optimizer.momentum}
+    return {
+        "maml": MAML(inner_steps=steps, **sgd),
+        "linear": Contrastive(beta=beta, inner_steps=steps, nudge="linear", **sgd),
+        "full": Contrastive(beta=beta, inner_steps=steps, nudge="full", **sgd),
+        "linear_long": Contrastive(beta=beta, inner_steps=long, nudge="linear", **sgd),
+    }
+
+
+def flat(grads: Mapping[str, Tensor], prefix: str = "") -> Tensor:
+    """The gradients whose names start with ``prefix``, as one vector."""
+    return torch.cat([g.flatten() for name, g in grads.items() if name.startswith(prefix)])
+
+
+def residual_ratio(module: MetaLearningModule, batch: Mapping[str, Any]) -> float:
+    """Mean over tasks of ``|dL_in/dphi|`` after adaptation over the same at the learner's start."""
+    learner, estimator = module.learner, module.estimator
+    meta = frozen_meta(learner, estimator)
+    tasks, adapted = adapt_tasks(learner, estimator, batch)
+
+    def gradient_norm(fast: Mapping[str, Tensor], task: Any) -> float:
+        leaves = {name: p.detach().requires_grad_() for name, p in fast.items()}
+        with torch.enable_grad():
+            grads = torch.autograd.grad(learner.inner_loss(leaves, meta, task.support), list(leaves.values()))
+        return float(torch.cat([g.flatten() for g in grads]).norm())
+
+    ratios = [
+        gradient_norm(fast, task) / gradient_norm(learner.init_fast(meta), task)
+        for task, fast in zip(tasks, adapted, strict=True)
+    ]
+    return sum(ratios) / len(ratios)
+
+
+def conv_norm(module: MetaLearningModule) -> float:
+    """``|omega|`` over the convolution weights (the 4-dimensional meta-parameters)."""
+    weights = [p for name, p in module.learner.named_meta_parameters() if name.startswith("omega") and p.dim() == 4]
+    return float(torch.cat([w.detach().flatten() for w in weights]).norm())
+
+
+def diagnose(module: MetaLearningModule, batches: Sequence[Mapping[str, Any]], beta: float, long: int) -> dict:
+    """One row: cosines to MAML, norms and the free phase's residual, averaged over ``batches``' meta-gradients."""
+    compared = estimators(module.estimator, beta, long)
+    sums: dict[str, dict[str, Tensor]] = {}
+    for batch in batches:
+        for name, estimator in compared.items():
+            grads = meta_gradient(module.learner, estimator, batch, on_fault="skip")
+            total = sums.setdefault(name, {})
+            for key, g in grads.items():
+                total[key] = total.get(key, 0) + g / len(batches)
+    maml = sums.pop("maml")
+    row: dict[str, float] = {"|maml|": float(flat(maml).norm()), "|linear|": float(flat(sums["linear"]).norm())}
+    for name, grads in sums.items():
+        row[f"cos {name}"] = agreement(flat(grads), flat(maml))[0]
+        row[f"cos {name} (omega)"] = agreement(flat(grads, "omega"), flat(maml, "omega"))[0]
+    row["cos linear, linear_long"] = agreement(flat(sums["linear"]), flat(sums["linear_long"]))[0]
+    row["residual after T"] = sum(residual_ratio(module, batch) for batch in batches) / len(batches)
+    row["|omega conv|"] = conv_norm(module)
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="the run's CLI config (learner, estimator, data)")
+    parser.add_argument("--checkpoints", type=Path, nargs="+", required=True, help="the run's checkpoints")
+    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE", help="a CLI override")
+    parser.add_argument("--batches", type=int, default=3, help="held training batches (default 3)")
+    parser.add_argument("--beta", type=float, default=0.1, help="the contrastive rules' beta (default 0.1)")
+    parser.add_argument("--long", type=int, default=100, help="steps per phase of linear_long (default 100)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cli = MetaLearningCLI(args=[f"--config={args.config}", *args.set], run=False, save_config_callback=None)
+    cli.datamodule.setup("fit")
+    batches = []
+    for batch in cli.datamodule.train_dataloader():  # the same seeded batches for every checkpoint
+        batches.append(batch)
+        if len(batches) == args.batches:
+            break
+    rows = []
+    for path in args.checkpoints:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        cli.model.load_state_dict(state["state_dict"])
+        rows.append({"meta-step": state["global_step"], **diagnose(cli.model, batches, args.beta, args.long)})
+        print(rows[-1], flush=True)
+    rows.sort(key=lambda row: row["meta-step"])
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,10 @@ exact gradient is MAML's at ``T`` steps. The contrastive rule estimates the grad
 at the inner *solution*, which ``T`` steps approach only where the inner problem is well conditioned. This script
 reads the checkpoints of one meta-training run and, at each, on the same held training batches, compares:
 
-- the contrastive estimate with the linear nudge (``T`` free / ``T`` nudged steps) and the full nudge, and the
-  linear nudge with ``--long`` steps per phase, against MAML's ``T``-step meta-gradient (cosine, all
-  meta-parameters and ``omega`` alone);
+- the contrastive estimate with the linear nudge (``T`` free / ``T`` nudged steps), with the full nudge, with the
+  linear nudge at ``beta / 10`` (in the linear-response regime the two agree), and with the linear nudge and
+  ``--long`` steps per phase, against MAML's ``T``-step meta-gradient (cosine over all
+  meta-parameters);
 - the norms of MAML's meta-gradient and of the ``T``-step linear estimate;
 - how far ``T`` free steps are from the inner solution: ``|dL_in/dphi(phi_T)| / |dL_in/dphi(phi_0)|``, the
   gradient norm left after adaptation relative to the start (0 at a solution);
@@ -17,15 +18,20 @@ reads the checkpoints of one meta-training run and, at each, on the same held tr
 Cost per checkpoint: one meta-gradient of each estimator on ``--batches`` training batches (about 30 s on
 Omniglot 20-way with the defaults, one thread).
 
-Keep a run's checkpoints, e.g. ``ModelCheckpoint(every_n_train_steps=50, save_top_k=-1)``, then::
+Keep a run's checkpoints (the reproduction's ``--keep-checkpoints``, or a ``ModelCheckpoint`` with
+``save_top_k=-1``), then::
 
+    python benchmarks/reproduce.py --only omniglot_20way_long --learners complex_synapse --estimators maml \\
+        --keep-checkpoints --out runs/long
     python benchmarks/estimate_drift.py --config configs/reproduce/omniglot_20way_long/complex_synapse__maml.yaml \\
-        --checkpoints runs/maml/*.ckpt --set=--data.root=../shared/data/omniglot
+        --checkpoints runs/long/omniglot_20way_long/complex_synapse__maml.step=*.ckpt \\
+        --set=--data.root=../shared/data/omniglot
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,13 +56,14 @@ def estimators(reference: Estimator, beta: float, long: int) -> dict[str, Estima
         "maml": MAML(inner_steps=steps, **sgd),
         "linear": Contrastive(beta=beta, inner_steps=steps, nudge="linear", **sgd),
         "full": Contrastive(beta=beta, inner_steps=steps, nudge="full", **sgd),
+        "linear_small_beta": Contrastive(beta=beta / 10, inner_steps=steps, nudge="linear", **sgd),
         "linear_long": Contrastive(beta=beta, inner_steps=long, nudge="linear", **sgd),
     }
 
 
-def flat(grads: Mapping[str, Tensor], prefix: str = "") -> Tensor:
-    """The gradients whose names start with ``prefix``, as one vector."""
-    return torch.cat([g.flatten() for name, g in grads.items() if name.startswith(prefix)])
+def flat(grads: Mapping[str, Tensor]) -> Tensor:
+    """Every meta-parameter's gradient, as one vector."""
+    return torch.cat([g.flatten() for g in grads.values()])
 
 
 def residual_ratio(module: MetaLearningModule, batch: Mapping[str, Any]) -> float:
@@ -79,9 +86,9 @@ def residual_ratio(module: MetaLearningModule, batch: Mapping[str, Any]) -> floa
 
 
 def conv_norm(module: MetaLearningModule) -> float:
-    """``|omega|`` over the convolution weights (the 4-dimensional meta-parameters)."""
+    """``|omega|`` over the convolution weights (the 4-dimensional meta-parameters); NaN for a network without."""
     weights = [p for name, p in module.learner.named_meta_parameters() if name.startswith("omega") and p.dim() == 4]
-    return float(torch.cat([w.detach().flatten() for w in weights]).norm())
+    return float(torch.cat([w.detach().flatten() for w in weights]).norm()) if weights else math.nan
 
 
 def diagnose(module: MetaLearningModule, batches: Sequence[Mapping[str, Any]], beta: float, long: int) -> dict:
@@ -95,10 +102,13 @@ def diagnose(module: MetaLearningModule, batches: Sequence[Mapping[str, Any]], b
             for key, g in grads.items():
                 total[key] = total.get(key, 0) + g / len(batches)
     maml = sums.pop("maml")
-    row: dict[str, float] = {"|maml|": float(flat(maml).norm()), "|linear|": float(flat(sums["linear"]).norm())}
+    row: dict[str, float] = {
+        "|maml|": float(flat(maml).norm()),
+        "|linear|": float(flat(sums["linear"]).norm()),
+        "|linear beta/10|": float(flat(sums["linear_small_beta"]).norm()),
+    }
     for name, grads in sums.items():
         row[f"cos {name}"] = agreement(flat(grads), flat(maml))[0]
-        row[f"cos {name} (omega)"] = agreement(flat(grads, "omega"), flat(maml, "omega"))[0]
     row["cos linear, linear_long"] = agreement(flat(sums["linear"]), flat(sums["linear_long"]))[0]
     row["residual after T"] = sum(residual_ratio(module, batch) for batch in batches) / len(batches)
     row["|omega conv|"] = conv_norm(module)

@@ -61,6 +61,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -587,12 +588,15 @@ class StepTimer(pl.Callback):
 class CheckpointAtCurvePoints(pl.Callback):
     """Saves a checkpoint to ``path`` after each new point of ``curve``, so that an interrupted cell resumes there.
 
-    Written to a temporary file and renamed, so that an interruption never leaves half a checkpoint.
+    Written to a temporary file and renamed, so that an interruption never leaves half a checkpoint. With ``keep``,
+    each one is also copied to ``<path stem>.step=<meta-step>.ckpt``, which the cell leaves behind (for
+    ``benchmarks/estimate_drift.py``).
     """
 
-    def __init__(self, curve: LearningCurve, path: Path) -> None:
+    def __init__(self, curve: LearningCurve, path: Path, keep: bool = False) -> None:
         self.curve = curve
         self.path = path
+        self.keep = keep
         self._saved = 0
 
     def on_train_start(self, *args: Any) -> None:
@@ -603,10 +607,12 @@ class CheckpointAtCurvePoints(pl.Callback):
             partial = self.path.with_suffix(".ckpt.partial")
             trainer.save_checkpoint(partial)
             partial.replace(self.path)
+            if self.keep:
+                shutil.copyfile(self.path, self.path.with_name(f"{self.path.stem}.step={trainer.global_step}.ckpt"))
             self._saved = len(self.curve.points)
 
 
-def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellResult:
+def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path, keep_checkpoints: bool = False) -> CellResult:
     """Meta-train and test ``cell`` in this process and write its JSON to ``result_path``.
 
     Never raises for the cell's own failures: a refused pair is recorded as ``n/a`` with the ``ValueError`` of
@@ -640,7 +646,7 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path) -> CellRes
             curve = next((c for c in cli.trainer.callbacks if isinstance(c, LearningCurve)), None)
             if cell.estimator != "untrained":
                 if curve is not None:
-                    cli.trainer.callbacks.append(CheckpointAtCurvePoints(curve, checkpoint))
+                    cli.trainer.callbacks.append(CheckpointAtCurvePoints(curve, checkpoint, keep_checkpoints))
                 resume = checkpoint if checkpoint.exists() else None
                 if resume is not None:
                     result.resumed_at_step = int(torch.load(resume, weights_only=False)["global_step"])
@@ -686,13 +692,14 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
-def launch_cell(cell: Cell, out: Path, overrides: Sequence[str]) -> str:
+def launch_cell(cell: Cell, out: Path, overrides: Sequence[str], keep_checkpoints: bool = False) -> str:
     """Run ``cell`` in a fresh subprocess; if it dies without writing its JSON, record that as its failure."""
     path = cell.result_path(out)
     log = path.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--run-cell", cell.suite, cell.learner, cell.estimator]
     command += ["--out", str(out), *(f"--set={override}" for override in overrides)]
+    command += ["--keep-checkpoints"] if keep_checkpoints else []
     with log.open("w") as stream:
         process = subprocess.run(
             command, stdout=stream, stderr=subprocess.STDOUT, env=worker_environment(), cwd=REPOSITORY
@@ -739,7 +746,13 @@ def machine() -> dict[str, Any]:
 
 
 def reproduce(
-    cells: Sequence[Cell], out: Path, workers: int, smoke: bool, extra: Sequence[str], gradient_quality: bool
+    cells: Sequence[Cell],
+    out: Path,
+    workers: int,
+    smoke: bool,
+    extra: Sequence[str],
+    gradient_quality: bool,
+    keep_checkpoints: bool = False,
 ) -> list[str]:
     """Run every cell whose JSON is missing (and the gradient-quality stage) on a pool of ``workers`` processes.
 
@@ -763,7 +776,8 @@ def reproduce(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = [pool.submit(launch_gradient_quality, out, smoke)] if gradient_quality else []
         jobs += [
-            pool.submit(launch_cell, cell, out, [*(smoke_overrides(cell) if smoke else []), *extra]) for cell in pending
+            pool.submit(launch_cell, cell, out, [*(smoke_overrides(cell) if smoke else []), *extra], keep_checkpoints)
+            for cell in pending
         ]
         for job in jobs:
             lines.append(job.result())
@@ -1347,6 +1361,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="--KEY=VALUE", help="a CLI override for every cell"
     )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each cell's checkpoint at every curve point, as <cell>.step=<N>.ckpt under --out",
+    )
     parser.add_argument("--report", action="store_true", help="render RESULTS.md, the figure and the merged JSON only")
     parser.add_argument("--results-md", type=Path, default=REPOSITORY / "RESULTS.md")
     parser.add_argument("--figure", type=Path, default=REPOSITORY / "docs" / "reproduce_accuracy.png")
@@ -1373,7 +1392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Wrote {len(write_configs())} configurations under {CONFIGS}.")
     elif args.run_cell:
         cell = Cell(*args.run_cell)
-        result = run_cell(cell, args.set, cell.result_path(args.out))
+        result = run_cell(cell, args.set, cell.result_path(args.out), args.keep_checkpoints)
         print(f"{cell.suite}/{cell.name}: {result.status} {result.reason}")
     elif args.report:
         print(report(args.out, args.results_md, args.figure, args.merged_json, args.findings, args.variants))
@@ -1388,7 +1407,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 flush=True,
             )
         start = time.perf_counter()
-        reproduce(cells, args.out, args.workers, args.smoke, args.set, gradient_quality)
+        reproduce(cells, args.out, args.workers, args.smoke, args.set, gradient_quality, args.keep_checkpoints)
         minutes = (time.perf_counter() - start) / 60
         print(f"Done in {minutes:.1f} min. Render: python benchmarks/reproduce.py --report --out {args.out}")
 

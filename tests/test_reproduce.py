@@ -191,6 +191,33 @@ def test_a_cell_interrupted_in_meta_training_resumes_from_its_last_curve_point(r
     assert not checkpoint.exists()
 
 
+def test_kept_checkpoints_feed_the_drift_diagnostic(reproduce, tmp_path) -> None:
+    """``--keep-checkpoints`` leaves one checkpoint per curve point, which ``estimate_drift.py`` reads back."""
+    out = tmp_path / "results"
+    cell = reproduce.Cell("sinusoid_5shot", "complex_synapse", "maml")
+    command = [sys.executable, str(SCRIPT), "--run-cell", cell.suite, cell.learner, cell.estimator, "--out", str(out)]
+    command += ["--keep-checkpoints", *(f"--set={override}" for override in reproduce.smoke_overrides(cell))]
+    subprocess.run(command, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True)
+    result = json.loads(cell.result_path(out).read_text())
+    kept = sorted(cell.result_path(out).parent.glob(f"{cell.name}.step=*.ckpt"))
+    steps = {int(path.stem.rsplit("=", 1)[1]) for path in kept}
+    assert steps and steps <= {point["meta_step"] for point in result["curve"][1:]}
+    assert not cell.result_path(out).with_suffix(".ckpt").exists()  # the resume checkpoint is still removed
+
+    drift = [sys.executable, str(REPOSITORY / "benchmarks" / "estimate_drift.py"), "--config", str(cell.config)]
+    drift += ["--checkpoints", *map(str, kept), "--batches", "1", "--long", "40"]
+    text = subprocess.run(
+        drift, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True
+    ).stdout
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
+    columns = [cell.strip() for cell in header.strip("|").split(" | ")]
+    assert len(rows) == len(kept)
+    for row in rows:
+        values = dict(zip(columns, (float(cell) for cell in row.strip("|").split(" | ")), strict=True))
+        # 20 inner steps on a sinusoid task: the T-step contrastive estimate points MAML's way
+        assert 0 < values["cos linear"] <= 1 and 0 <= values["residual after T"] < 1
+
+
 def test_absurd_results_are_failures_not_ok(reproduce, tmp_path) -> None:
     """Issue 16 item 8: RESULTS.md called a meta-test MSE of 1.15e+22 with 76 of 3000 tasks skipped "ok"."""
 

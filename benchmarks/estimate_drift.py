@@ -15,8 +15,8 @@ reads the checkpoints of one meta-training run and, at each, on the same held tr
 - ``|omega|`` over the convolutions, which BatchNorm makes scale-free: a growing norm shrinks the effective
   inner learning rate of those weights, so the same ``T`` steps converge less.
 
-Cost per checkpoint: one meta-gradient of each estimator on ``--batches`` training batches (about 30 s on
-Omniglot 20-way with the defaults, one thread).
+Cost per checkpoint: one meta-gradient of each estimator on each of ``--batches`` training batches (about 25 s a
+batch on Omniglot 20-way Conv4-32, one thread).
 
 Keep a run's checkpoints (the reproduction's ``--keep-checkpoints``, or a ``ModelCheckpoint`` with
 ``save_top_k=-1``), then::

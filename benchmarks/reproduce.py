@@ -29,6 +29,7 @@ Three groups of suites (``--only`` takes groups and suite names):
     python benchmarks/reproduce.py --only long --learners complex_synapse --out benchmarks/results/long
     python benchmarks/reproduce.py --only omniglot_20way_long --learners complex_synapse \
         --estimators contrastive_linear --set=--trainer.gradient_clip_val=1.0 --out benchmarks/results/clip1
+    python benchmarks/reproduce.py --only omniglot_20way_long --estimators maml --keep-checkpoints
     python benchmarks/reproduce.py --report                 # RESULTS.md and docs/ figures from the JSONs
     python benchmarks/reproduce.py --smoke --out /tmp/smoke # everything tiny: checks the orchestration
     python benchmarks/reproduce.py --write-configs          # regenerate configs/reproduce/ from SUITES
@@ -37,6 +38,8 @@ The fourth line is a *variant*: one cell again with one setting changed, in a fo
 ``--report --variants FOLDER...`` tabulates with its best curve point. Any CLI key works
 (``--model.optimizer.init_args.lr``, ``--model.learner.init_args.learn_lambda=false``,
 ``--model.estimator.init_args.beta``, ``...nudged_steps``, ``--trainer.gradient_clip_val``).
+The fifth keeps each cell's checkpoint at every curve point (``<cell>.step=<N>.ckpt``), which
+``benchmarks/estimate_drift.py`` reads.
 
 One cell by hand (what a worker runs, minus timing):
 ``OMP_NUM_THREADS=1 lightning-contrastive fit --config configs/reproduce/omniglot_5way/complex_synapse__maml.yaml``

@@ -1036,7 +1036,8 @@ def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
             f"+{suite['nudged_steps']} nudged steps per nudged phase, the linear nudge +{suite['inner_steps']}; beta "
             f"{suite['beta']}); inner SGD lr {suite['inner_lr']}, momentum {suite['inner_momentum']}; Adam lr "
             f"{suite['outer_lr']}; {suite['eval_tasks']} fixed meta-test episodes; ComplexSynapse init_lambda "
-            f"{suite['init_lambda']}, DualSystem pull {suite['pull']}."
+            f"{suite['init_lambda']}, DualSystem pull {suite['pull']}"
+            + (f"; Implicit's CG damping {suite['cg_damping']:g}." if suite.get("cg_damping") else ".")
         )
     return lines
 

@@ -91,7 +91,9 @@ def conv_norm(module: MetaLearningModule) -> float:
     return float(torch.cat([w.detach().flatten() for w in weights]).norm()) if weights else math.nan
 
 
-def diagnose(module: MetaLearningModule, batches: Sequence[Mapping[str, Any]], beta: float, long: int) -> dict:
+def diagnose(
+    module: MetaLearningModule, batches: Sequence[Mapping[str, Any]], beta: float, long: int
+) -> dict[str, float]:
     """One row: cosines to MAML, norms and the free phase's residual, averaged over ``batches``' meta-gradients."""
     compared = estimators(module.estimator, beta, long)
     sums: dict[str, dict[str, Tensor]] = {}
@@ -124,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, default=0.1, help="the contrastive rules' beta (default 0.1)")
     parser.add_argument("--long", type=int, default=100, help="steps per phase of linear_long (default 100)")
     args = parser.parse_args(argv)
+    if args.batches < 1 or args.long < 1 or not args.beta > 0:
+        parser.error(f"--batches and --long must be >= 1 and --beta > 0; got {args.batches}, {args.long}, {args.beta}.")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cli = MetaLearningCLI(args=[f"--config={args.config}", *args.set], run=False, save_config_callback=None)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from lightning_contrastive import MAML, Contrastive
+from lightning_contrastive.callbacks._utils import flat_groups
 from lightning_contrastive.callbacks.estimator_agreement import agreement
 from lightning_contrastive.cli import MetaLearningCLI
 from lightning_contrastive.estimators import Estimator
@@ -62,8 +63,8 @@ def estimators(reference: Estimator, beta: float, long: int) -> dict[str, Estima
 
 
 def flat(grads: Mapping[str, Tensor]) -> Tensor:
-    """Every meta-parameter's gradient, as one vector."""
-    return torch.cat([g.flatten() for g in grads.values()])
+    """Every meta-parameter's gradient, as one float64 vector (``flat_groups``' all-parameters group)."""
+    return flat_groups(grads.items())[""]
 
 
 def residual_ratio(module: MetaLearningModule, batch: Mapping[str, Any]) -> float:

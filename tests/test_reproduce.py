@@ -210,10 +210,10 @@ def test_kept_checkpoints_feed_the_drift_diagnostic(reproduce, tmp_path) -> None
         drift, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True
     ).stdout
     header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
-    columns = [cell.strip() for cell in header.strip("|").split(" | ")]
+    columns = [entry.strip() for entry in header.strip("|").split(" | ")]
     assert len(rows) == len(kept)
     for row in rows:
-        values = dict(zip(columns, (float(cell) for cell in row.strip("|").split(" | ")), strict=True))
+        values = dict(zip(columns, (float(entry) for entry in row.strip("|").split(" | ")), strict=True))
         # 20 inner steps on a sinusoid task: the T-step contrastive estimate points MAML's way
         assert 0 < values["cos linear"] <= 1 and 0 <= values["residual after T"] < 1
 

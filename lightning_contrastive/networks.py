@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -44,31 +45,44 @@ class MLP(nn.Module):
 class Conv4(nn.Module):
     """The four-block convolutional backbone of few-shot classification (Vinyals et al., 2016; Finn et al., 2017).
 
-    Each block is conv 3x3 (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool, so a square image of side
+    Each block is conv 3x3 (padding 1) -> normalisation -> ReLU -> 2x2 max-pool, so a square image of side
     ``s`` leaves the fourth block at side ``s // 16`` (28 -> 1 on Omniglot, 84 -> 5 on miniImageNet);
     a linear head maps the flattened features to ``ways`` logits. The convolutions have no bias: the
-    BatchNorm after each one subtracts the per-channel mean, which cancels a bias exactly, so it would be a
-    meta-parameter that never gets a gradient (the BatchNorm's own shift plays its part).
+    normalisation after each one subtracts a per-channel mean, which cancels a bias exactly, so it would be a
+    meta-parameter that never gets a gradient (the normalisation's own shift plays its part).
 
     Args:
         in_channels: image channels (1 for Omniglot, 3 for miniImageNet).
         ways: number of classes per task, the width of the head.
         channels: feature maps per block (64 on Omniglot, 32 on miniImageNet in the reference setups).
         image_size: side of the square input images, in pixels (at least 16).
+        norm: ``"batch"`` (the reference setups): ``BatchNorm2d``, per-channel statistics of the batch at hand,
+            so a support image's features depend on the other images of its batch; ``"instance"``:
+            ``GroupNorm(channels, channels)``, the same per-channel normalisation and affine map with each
+            image's own statistics (over its pixels), so nothing depends on what else is in the batch.
     """
 
-    def __init__(self, in_channels: int = 1, ways: int = 5, channels: int = 64, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        ways: int = 5,
+        channels: int = 64,
+        image_size: int = 28,
+        norm: Literal["batch", "instance"] = "batch",
+    ) -> None:
         super().__init__()
         if image_size < 16:
             raise ValueError(
                 f"Conv4 halves the image four times, so image_size must be >= 16; got {image_size}. "
                 "Resize the images or use a shallower backbone."
             )
+        if norm not in ("batch", "instance"):
+            raise ValueError(f'Conv4 norm must be "batch" or "instance"; got {norm!r}.')
         blocks: list[nn.Module] = []
         for block_in in (in_channels, channels, channels, channels):
             blocks += [
                 nn.Conv2d(block_in, channels, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(channels),
+                nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(channels, channels),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]

@@ -38,6 +38,23 @@ def test_conv4_maps_images_to_logits(image_size: int, in_channels: int, channels
     assert network.head.in_features == channels * (image_size // 16) ** 2
 
 
+def test_conv4_instance_norm_makes_each_image_independent_of_its_batch() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(6, 1, 28, 28)
+    for norm, independent in (("instance", True), ("batch", False)):
+        network = Conv4(channels=8, norm=norm)
+        alone = network(images[:1])
+        together = network(images)[:1]
+        assert torch.allclose(alone, together, atol=1e-5) == independent, norm
+    groups = [m for m in Conv4(channels=8, norm="instance").modules() if isinstance(m, nn.GroupNorm)]
+    assert len(groups) == 4 and all(m.num_groups == m.num_channels == 8 and m.affine for m in groups)
+
+
+def test_conv4_refuses_an_unknown_norm_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match='"batch" or "instance"'):
+        Conv4(norm="layer")  # type: ignore[arg-type]
+
+
 def test_bad_sizes_raise_value_error() -> None:
     with pytest.raises(ValueError, match="image_size must be >= 16"):
         Conv4(image_size=12)

@@ -45,9 +45,9 @@ class MLP(nn.Module):
 class Conv4(nn.Module):
     """The four-block convolutional backbone of few-shot classification (Vinyals et al., 2016; Finn et al., 2017).
 
-    Each block is conv 3x3 (padding 1) -> normalisation -> ReLU -> 2x2 max-pool, so a square image of side
-    ``s`` leaves the fourth block at side ``s // 16`` (28 -> 1 on Omniglot, 84 -> 5 on miniImageNet);
-    a linear head maps the flattened features to ``ways`` logits. The convolutions have no bias: the
+    Each block is conv 3x3 (padding 1) -> normalisation -> ReLU -> 2x2 max-pool (or their smooth counterparts),
+    so a square image of side ``s`` leaves the fourth block at side ``s // 16`` (28 -> 1 on Omniglot, 84 -> 5 on
+    miniImageNet); a linear head maps the flattened features to ``ways`` logits. The convolutions have no bias: the
     normalisation after each one subtracts a per-channel mean, which cancels a bias exactly, so it would be a
     meta-parameter that never gets a gradient (the normalisation's own shift plays its part).
 
@@ -60,6 +60,10 @@ class Conv4(nn.Module):
             so a support image's features depend on the other images of its batch; ``"instance"``:
             ``GroupNorm(channels, channels)``, the same per-channel normalisation and affine map with each
             image's own statistics (over its pixels), so nothing depends on what else is in the batch.
+        smooth: ``False`` (the reference setups): ReLU and max-pooling; ``True``: GELU and average pooling, so the
+            loss has a continuous gradient in the weights. The contrastive rule reads the meta-gradient off a finite
+            difference of two nudged inner runs; with ReLU or max-pooling the inner gradient jumps wherever a unit
+            crosses its kink, and each jump between the two runs adds a term of order ``jump / beta``.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Conv4(nn.Module):
         channels: int = 64,
         image_size: int = 28,
         norm: Literal["batch", "instance"] = "batch",
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         if image_size < 16:
@@ -83,8 +88,8 @@ class Conv4(nn.Module):
             blocks += [
                 nn.Conv2d(block_in, channels, kernel_size=3, padding=1, bias=False),
                 nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(channels, channels),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
+                nn.GELU() if smooth else nn.ReLU(),
+                nn.AvgPool2d(2) if smooth else nn.MaxPool2d(2),
             ]
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(channels * (image_size // 16) ** 2, ways)

@@ -50,6 +50,40 @@ def test_conv4_instance_norm_makes_each_image_independent_of_its_batch() -> None
     assert len(groups) == 4 and all(m.num_groups == m.num_channels == 8 and m.affine for m in groups)
 
 
+def gradient_changes(network: nn.Module, direction: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``|grad(t_{i+1}) - grad(t_i)|`` of a 5-way loss in the first convolution's weight ``w0 + t direction``."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(5, 1, 16, 16, dtype=torch.float64), torch.arange(5)
+    weight = network.features[0].weight
+    start, gradients = weight.detach().clone(), []
+    for t in points:
+        with torch.no_grad():
+            weight.copy_(start + t * direction)
+        loss = nn.functional.cross_entropy(network(images), labels)
+        gradients.append(torch.autograd.grad(loss, weight)[0].flatten())
+    with torch.no_grad():
+        weight.copy_(start)
+    return torch.stack(gradients).diff(dim=0).norm(dim=1)
+
+
+def test_smooth_conv4_has_a_continuous_gradient_where_relu_jumps() -> None:
+    """Along a line in weight space, take the segment where the gradient changes most and split it 100 ways: a
+    continuous gradient spreads the change (about 1/100 per piece), a jump puts most of it in one piece."""
+    largest_piece = {}
+    for smooth in (False, True):
+        torch.manual_seed(0)
+        network = Conv4(ways=5, channels=4, image_size=16, smooth=smooth).double()
+        kinds = {type(m) for m in network.modules()}
+        assert ({nn.GELU, nn.AvgPool2d} <= kinds) == smooth and ({nn.ReLU, nn.MaxPool2d} <= kinds) != smooth
+        direction = torch.randn_like(network.features[0].weight)
+        line = torch.linspace(0, 1, 101, dtype=torch.float64)
+        coarse = gradient_changes(network, direction, line)
+        i = int(coarse.argmax())
+        fine = gradient_changes(network, direction, torch.linspace(line[i], line[i + 1], 101, dtype=torch.float64))
+        largest_piece[smooth] = float(fine.max() / coarse[i])
+    assert largest_piece[True] < 0.05 and largest_piece[False] > 0.3, largest_piece
+
+
 def test_conv4_refuses_an_unknown_norm_naming_the_choices() -> None:
     with pytest.raises(ValueError, match='"batch" or "instance"'):
         Conv4(norm="layer")  # type: ignore[arg-type]

@@ -33,16 +33,15 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
+from run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
 from torch import Tensor
 
 from lightning_contrastive import MAML, Contrastive
 from lightning_contrastive.callbacks._utils import flat_groups
 from lightning_contrastive.callbacks.estimator_agreement import agreement
-from lightning_contrastive.cli import MetaLearningCLI
 from lightning_contrastive.estimators import Estimator
 from lightning_contrastive.evaluation import adapt_tasks, frozen_meta
 from lightning_contrastive.meta_gradient import meta_gradient
@@ -120,18 +119,14 @@ def diagnose(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="the run's CLI config (learner, estimator, data)")
-    parser.add_argument("--checkpoints", type=Path, nargs="+", required=True, help="the run's checkpoints")
-    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE", help="a CLI override")
+    add_run_arguments(parser)
     parser.add_argument("--batches", type=int, default=3, help="held training batches (default 3)")
     parser.add_argument("--beta", type=float, default=0.1, help="the contrastive rules' beta (default 0.1)")
     parser.add_argument("--long", type=int, default=100, help="steps per phase of linear_long (default 100)")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.long < 1 or not args.beta > 0:
         parser.error(f"--batches and --long must be >= 1 and --beta > 0; got {args.batches}, {args.long}, {args.beta}.")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cli = MetaLearningCLI(args=[f"--config={args.config}", *args.set], run=False, save_config_callback=None)
+    cli = load_run(args)
     cli.datamodule.setup("fit")
     batches = []
     for batch in cli.datamodule.train_dataloader():  # the same seeded batches for every checkpoint
@@ -139,17 +134,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(batches) == args.batches:
             break
     rows = []
-    for path in args.checkpoints:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        cli.model.load_state_dict(state["state_dict"])
-        rows.append({"meta-step": state["global_step"], **diagnose(cli.model, batches, args.beta, args.long)})
+    for step in each_checkpoint(cli, args.checkpoints):
+        rows.append({"meta-step": step, **diagnose(cli.model, batches, args.beta, args.long)})
         print(rows[-1], flush=True)
-    rows.sort(key=lambda row: row["meta-step"])
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

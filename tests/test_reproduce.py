@@ -191,8 +191,9 @@ def test_a_cell_interrupted_in_meta_training_resumes_from_its_last_curve_point(r
     assert not checkpoint.exists()
 
 
-def test_kept_checkpoints_feed_the_drift_diagnostic(reproduce, tmp_path) -> None:
-    """``--keep-checkpoints`` leaves one checkpoint per curve point, which ``estimate_drift.py`` reads back."""
+def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(reproduce, tmp_path) -> None:
+    """``--keep-checkpoints`` leaves one checkpoint per curve point, which ``estimate_drift.py`` and
+    ``adaptation_horizon.py`` read back."""
     out = tmp_path / "results"
     cell = reproduce.Cell("sinusoid_5shot", "complex_synapse", "maml")
     command = [sys.executable, str(SCRIPT), "--run-cell", cell.suite, cell.learner, cell.estimator, "--out", str(out)]
@@ -216,6 +217,25 @@ def test_kept_checkpoints_feed_the_drift_diagnostic(reproduce, tmp_path) -> None
         values = dict(zip(columns, (float(entry) for entry in row.strip("|").split(" | ")), strict=True))
         # 20 inner steps on a sinusoid task: the T-step contrastive estimate points MAML's way
         assert 0 < values["cos linear"] <= 1 and 0 <= values["residual after T"] < 1
+
+    horizon = [sys.executable, str(REPOSITORY / "benchmarks" / "adaptation_horizon.py"), "--config", str(cell.config)]
+    horizon += ["--checkpoints", *map(str, kept), "--episodes", "4", "--multiples", "1", "5"]
+    horizon += ["--power-iterations", "40"]
+    horizon += [f"--set={override}" for override in reproduce.smoke_overrides(cell)]
+    text = subprocess.run(
+        horizon, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True
+    ).stdout
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
+    columns = [entry.strip() for entry in header.strip("|").split(" | ")]
+    steps = re.findall(r"query_loss after (\d+)", header)
+    assert len(rows) == len(kept) and len(steps) == 2 and int(steps[1]) == 5 * int(steps[0])
+    for row in rows:
+        values = dict(zip(columns, (float(entry) for entry in row.strip("|").split(" | ")), strict=True))
+        # SGD lr 0.005, momentum 0.9 (limit 2 x 1.9 / 0.005 = 760) on a sinusoid MLP: stable, so five times the
+        # steps lower the inner loss further
+        assert values["stability limit 2(1+mu)/lr"] == pytest.approx(760)
+        assert 0 < values["top curvature at the start"] < 760
+        assert values[f"L_in after {steps[1]}"] < values[f"L_in after {steps[0]}"]
 
 
 def test_absurd_results_are_failures_not_ok(reproduce, tmp_path) -> None:

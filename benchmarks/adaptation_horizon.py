@@ -1,0 +1,120 @@
+"""Whether a meta-learned start is good only for the number of adaptation steps it was trained with (issue 17).
+
+The contrastive rule estimates the meta-gradient of the query loss at the inner *solution*; MAML differentiates
+the ``T``-step adaptation users run. Where the rule's premise holds, adapting longer than ``T`` steps moves a
+task's fast weights towards the solution the rule trained for, so the query metric should hold or improve. This
+script reads the checkpoints of one meta-training run and, at each, on the first ``--episodes`` fixed meta-test
+episodes:
+
+- adapts each task from the meta-learned start with the run's inner optimizer for ``m x T`` steps, for each
+  multiple ``m`` of ``--multiples`` (default 1, 3, 10; every run starts from zero velocity, as at test time),
+  and reports the query accuracy (classification) or loss (regression), and the inner loss ``L_in`` reached;
+- estimates the largest eigenvalue of the inner loss's Hessian at the start (power iteration on
+  Hessian-vector products, averaged over ``--curvature-tasks`` tasks) beside the inner optimizer's stability
+  limit: heavy-ball SGD with learning rate ``eta`` and momentum ``mu`` diverges along a direction of curvature
+  above ``2 (1 + mu) / eta`` on a quadratic.
+
+Cost per checkpoint: ``(sum of the multiples) x T`` inner steps and one query pass per episode and multiple, plus
+``--power-iterations`` Hessian-vector products per curvature task (on Omniglot 20-way Conv4-32, one thread,
+100 episodes and multiples 1, 3, 10: about 6 min).
+
+    python benchmarks/adaptation_horizon.py \\
+        --config configs/reproduce/omniglot_20way_long/complex_synapse__contrastive_linear.yaml \\
+        --checkpoints runs/long/omniglot_20way_long/complex_synapse__contrastive_linear.step=*.ckpt \\
+        --set=--data.root=../shared/data/omniglot
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+import torch
+from run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
+from torch import Tensor
+
+from lightning_contrastive.evaluation import frozen_meta, query_metrics
+from lightning_contrastive.inner import minimise
+from lightning_contrastive.module import MetaLearningModule
+from lightning_contrastive.tasks import Params, Task, split_batch
+
+
+def top_curvature(objective: Callable[[Params], Tensor], at: Params, iterations: int, seed: int = 0) -> float:
+    """The eigenvalue of largest magnitude of ``objective``'s Hessian at ``at``: the Rayleigh quotient after
+    ``iterations`` steps of power iteration, one Hessian-vector product (double backward) each."""
+    generator = torch.Generator().manual_seed(seed)
+    names = list(at)
+    vector = [torch.randn(at[name].shape, generator=generator, dtype=at[name].dtype) for name in names]
+    quotient = 0.0
+    for _ in range(iterations):
+        norm = torch.sqrt(sum((v * v).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        leaves = {name: at[name].detach().requires_grad_() for name in names}
+        with torch.enable_grad():
+            gradient = torch.autograd.grad(objective(leaves), list(leaves.values()), create_graph=True)
+            product = torch.autograd.grad(gradient, list(leaves.values()), vector)
+        quotient = float(sum((p * v).sum() for p, v in zip(product, vector, strict=True)))
+        vector = [p.detach() for p in product]
+    return quotient
+
+
+def horizon_row(
+    module: MetaLearningModule, tasks: Sequence[Task], multiples: Sequence[int], curvature_tasks: int, iterations: int
+) -> dict[str, float]:
+    """One checkpoint's row: the query metric and ``L_in`` after each multiple of ``T``, and the start's curvature."""
+    learner, estimator = module.learner, module.estimator
+    meta = frozen_meta(learner, estimator)
+    optimizer, steps = estimator.inner_optimizer, estimator.adaptation_steps
+    metric = "accuracy" if learner.loss_name == "cross_entropy" else "query_loss"
+
+    def inner_loss(task: Task) -> Callable[[Params], Tensor]:
+        return lambda fast: learner.inner_loss(fast, meta, task.support)
+
+    row: dict[str, float] = {}
+    for multiple in multiples:
+        adapted, inner_losses = [], []
+        for task in tasks:
+            fast = minimise(inner_loss(task), learner.init_fast(meta), multiple * steps, optimizer).params
+            adapted.append(fast)
+            with torch.no_grad():
+                inner_losses.append(float(inner_loss(task)(fast)))
+        values = query_metrics(learner, estimator, list(tasks), adapted)[metric]
+        row[f"{metric} after {multiple * steps}"] = float(values.mean()) * (100 if metric == "accuracy" else 1)
+        row[f"L_in after {multiple * steps}"] = sum(inner_losses) / len(inner_losses)
+    start = learner.init_fast(meta)
+    curvatures = [top_curvature(inner_loss(task), start, iterations) for task in tasks[:curvature_tasks]]
+    row["top curvature at the start"] = sum(curvatures) / len(curvatures)
+    row["stability limit 2(1+mu)/lr"] = 2 * (1 + optimizer.momentum) / optimizer.lr
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    parser.add_argument("--episodes", type=int, default=100, help="fixed meta-test episodes (default 100)")
+    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 3, 10], help="adaptation lengths / T")
+    parser.add_argument("--curvature-tasks", type=int, default=4, help="episodes for the curvature (default 4)")
+    parser.add_argument("--power-iterations", type=int, default=25, help="per curvature task (default 25)")
+    args = parser.parse_args(argv)
+    counts = (args.episodes, args.curvature_tasks, args.power_iterations, *args.multiples)
+    if min(counts) < 1:
+        parser.error(f"--episodes, --curvature-tasks, --power-iterations and --multiples must be >= 1; got {counts}.")
+    cli = load_run(args)
+    cli.datamodule.setup("test")
+    tasks: list[Task] = []
+    for batch in cli.datamodule.test_dataloader():  # the run's fixed meta-test episodes, in order
+        tasks += split_batch(batch)
+        if len(tasks) >= args.episodes:
+            break
+    tasks = tasks[: args.episodes]
+    rows = []
+    for step in each_checkpoint(cli, args.checkpoints):
+        curvature_tasks = min(args.curvature_tasks, len(tasks))
+        row = horizon_row(cli.model, tasks, args.multiples, curvature_tasks, args.power_iterations)
+        rows.append({"meta-step": step, **row})
+        print(rows[-1], flush=True)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -130,8 +130,8 @@ def make_estimator(method: str, steps: int, beta: float, options: dict[str, Any]
     """The engine's estimator for ``method`` with ``T = steps`` (``options`` override its arguments)."""
     if method in CONTRASTIVE_METHODS:
         symmetric, nudge = CONTRASTIVE_METHODS[method]
-        settings = {"nudged_steps": max(1, steps // 2), "nudge": nudge, **options}
-        return Contrastive(beta, symmetric=symmetric, inner_steps=steps, **settings)
+        settings = {"beta": beta, "nudged_steps": max(1, steps // 2), "nudge": nudge, **options}
+        return Contrastive(symmetric=symmetric, inner_steps=steps, **settings)
     estimators = {"maml": MAML, "fomaml": FirstOrderMAML, "implicit": Implicit, "reptile": Reptile}
     return estimators[method](inner_steps=steps, **options)
 
@@ -352,6 +352,11 @@ def cosine(a: Grads, b: Grads) -> float:
     return float(x @ y / (x.norm() * y.norm())) if x.norm() * y.norm() > 0 else float("nan")
 
 
+def norm(grads: Grads) -> float:
+    """The Euclidean norm of a meta-gradient over all its meta-parameters."""
+    return float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))
+
+
 def cosine_cell(a: Grads, b: Grads) -> str:
     """:func:`cosine` to 4 decimals, or "faulted" when one side's tasks all failed (a zero meta-gradient)."""
     value = cosine(a, b)
@@ -561,6 +566,39 @@ class Benchmark:
             )
         )
 
+    def agreement(self) -> None:
+        """The symmetric linear and full nudges on the same phases over beta: where the two share a linear-response
+        limit, their cosine tends to 1 as beta shrinks and each estimate to its own small-beta value."""
+        name = next(n for n in ("conv20", "conv5", "sinusoid") if n in self.args.problems)
+        betas, precision = sorted(self.args.agreement_betas, reverse=True), self.args.agreement_precision
+        pairs = {
+            (steps, beta): tuple(
+                Job(name, method, steps, (("beta", beta), ("precision", precision)))
+                for method in ("contrastive-sym-linear", "contrastive-sym")
+            )
+            for steps in self.args.steps
+            for beta in betas
+        }
+        self.measure([job for pair in pairs.values() for job in pair], "agreement", once=True)
+        print(f"\n### {name}: the linear and full nudges over beta (symmetric, same phases, {precision})\n")
+        rows = []
+        for (steps, beta), (linear, full) in pairs.items():
+            smallest_linear, smallest_full = pairs[steps, betas[-1]]
+            rows.append(
+                [
+                    steps,
+                    beta,
+                    cosine_cell(self.grads[linear], self.grads[full]),
+                    cosine_cell(self.grads[linear], self.grads[smallest_linear]),
+                    cosine_cell(self.grads[full], self.grads[smallest_full]),
+                    f"{norm(self.grads[linear]):.3g}",
+                    f"{norm(self.grads[full]):.3g}",
+                ]
+            )
+        header = ["T", "beta", "cosine linear to full", f"linear: cosine to beta={betas[-1]}"]
+        header += [f"full: cosine to beta={betas[-1]}", "|linear|", "|full|"]
+        print(markdown(header, rows))
+
     def batched(self) -> None:
         where = torch.cuda.get_device_name(self.args.device) if self.args.device.startswith("cuda") else "the CPU"
         print(f"\n### Looped vs batched (torch.func.vmap over tasks) meta-steps, on {where}\n")
@@ -615,9 +653,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=["main", "profile", "knobs", "batched"],
+        choices=["main", "profile", "knobs", "batched", "agreement"],
         default=["main", "profile", "knobs", "batched"],
+        help="agreement (not run by default): the linear and full nudges over --agreement-betas at each --steps",
     )
+    parser.add_argument("--agreement-betas", nargs="+", type=float, default=[0.03, 0.01, 0.003, 0.001])
+    parser.add_argument("--agreement-precision", choices=["float32", "float64"], default="float64")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of fresh-process measurements (sinusoid)")
     parser.add_argument("--conv-repeats", type=int, default=1, help="rounds of fresh-process measurements (Conv4)")
     parser.add_argument(
@@ -636,6 +677,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.problems, args.steps, args.repeats, args.conv_repeats = ["conv5", "sinusoid"], [10], 1, 1
         args.min_seconds = 0.2
         args.knobs_problem, args.knobs_steps = "conv5", 10
+    if min(args.agreement_betas) <= 0:
+        parser.error(f"--agreement-betas must all be > 0 (the nudge's strength); got {args.agreement_betas}")
     if "knobs" in args.sections and args.knobs_problem not in args.problems:
         parser.error(f"--knobs-problem {args.knobs_problem} must be one of --problems {args.problems}")
     return args
@@ -669,6 +712,7 @@ def main() -> None:
                 "profile": benchmark.profile,
                 "knobs": benchmark.knobs,
                 "batched": benchmark.batched,
+                "agreement": benchmark.agreement,
             }[section]()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nTotal {(time.perf_counter() - started) / 60:.1f} min; load average at the end {load}.")

@@ -24,14 +24,14 @@ Forward = Callable[[Sequence[Tensor], Tensor], Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
 
 
-def conv4_forward(weights: Sequence[Tensor], x: Tensor) -> Tensor:
+def conv4_forward(weights: Sequence[Tensor], x: Tensor, smooth: bool = False) -> Tensor:
     """``networks.Conv4`` with its parameters in ``named_parameters()`` order (bias-free convolutions); BatchNorm
-    on batch statistics."""
+    on batch statistics; ``smooth`` as ``Conv4(smooth=True)`` (GELU and average pooling)."""
     for block in range(4):
         conv_weight, norm_weight, norm_bias = weights[3 * block : 3 * block + 3]
         x = F.conv2d(x, conv_weight, padding=1)
         x = F.batch_norm(x, None, None, norm_weight, norm_bias, training=True)
-        x = F.max_pool2d(F.relu(x), 2)
+        x = F.avg_pool2d(F.gelu(x), 2) if smooth else F.max_pool2d(F.relu(x), 2)
     return F.linear(x.flatten(1), weights[12], weights[13])
 
 

@@ -2,7 +2,8 @@
 
 Problems: a complex synapse (``ComplexSynapse``, learned strengths) over ``networks.Conv4`` (64 channels)
 on Omniglot 28x28 5-way and 20-way 1-shot tasks with 15 queries per class (``conv5``, ``conv20``), and
-over the 1-40-40-1 ``networks.MLP`` on sinusoid regression, 10 support and 10 query points (``sinusoid``).
+over the 1-40-40-1 ``networks.MLP`` on sinusoid regression, 10 support and 10 query points (``sinusoid``);
+on request, ``conv20`` with smooth units (``Conv4(smooth=True)``: GELU and average pooling; ``conv20-smooth``).
 Methods: ``Contrastive`` one-sided and symmetric with the paper's nudge (``contrastive``, ``contrastive-sym``:
 ``nudge="full"``) and with the linearised one (``contrastive-linear``, ``contrastive-sym-linear``), ``MAML``,
 ``FirstOrderMAML``, ``Implicit``, ``Reptile`` (on a learner with ``learn_lambda=False``, the only one it is
@@ -24,13 +25,18 @@ Sections (``--sections``):
 - ``knobs``: the symmetric rule with fewer nudged steps and with query subsampling, each with its time,
   memory and cosine to MAML's meta-gradient;
 - ``batched``: the meta-batch looped over tasks against ``torch.func.vmap`` over tasks, with the path
-  ``batched=None`` picks and the largest difference between the two meta-gradients.
+  ``batched=None`` picks and the largest difference between the two meta-gradients;
+- ``agreement`` (on request): the symmetric linear and full nudges on the same phases at each ``--agreement-betas``
+  (in ``--agreement-precision``), their cosine and each one's cosine to its own estimate at the smallest beta:
+  whether the two have one small-beta limit, and whether either has one at all. ReLU and max-pooling make a
+  nudged run jump wherever a unit switches, so there the finite difference carries ``jump / beta`` terms.
 
 Every process runs torch on one thread (shared cores make more threads slower and noisier).
 
     python benchmarks/meta_step.py                          # the full run
     python benchmarks/meta_step.py --quick                  # a quick check (conv5 and sinusoid, T=10)
     python benchmarks/meta_step.py --problems conv20 --steps 10 100 --sections main knobs
+    python benchmarks/meta_step.py --problems conv20 conv20-smooth --steps 50 --sections agreement
 """
 
 from __future__ import annotations
@@ -108,6 +114,15 @@ PROBLEMS = {
     ),
     "conv20": Problem(
         "Conv4, Omniglot 20-way 1-shot", lambda: Conv4(1, 20, 64, 28), conv4_forward, "cross_entropy", 0.03, 20
+    ),
+    # Smooth units (GELU, average pooling): a loss gradient continuous in the weights, for the agreement section.
+    "conv20-smooth": Problem(
+        "Conv4 with GELU and average pooling, Omniglot 20-way 1-shot",
+        lambda: Conv4(1, 20, 64, 28, smooth=True),
+        partial(conv4_forward, smooth=True),
+        "cross_entropy",
+        0.03,
+        20,
     ),
     # beta 0.1 lets the symmetric rule's -beta phase diverge on 2 of the 25 sinusoid tasks within 50 nudged steps.
     "sinusoid": Problem("MLP 1-40-40-1, sinusoid 10-shot", MLP, mlp_forward, "mse", 0.03),
@@ -567,37 +582,40 @@ class Benchmark:
         )
 
     def agreement(self) -> None:
-        """The symmetric linear and full nudges on the same phases over beta: where the two share a linear-response
-        limit, their cosine tends to 1 as beta shrinks and each estimate to its own small-beta value."""
-        name = next(n for n in ("conv20", "conv5", "sinusoid") if n in self.args.problems)
+        """The symmetric linear and full nudges on the same phases over beta, on each problem: where the two share a
+        linear-response limit, each estimate tends to its own small-beta value and their cosine to 1."""
         betas, precision = sorted(self.args.agreement_betas, reverse=True), self.args.agreement_precision
         pairs = {
-            (steps, beta): tuple(
+            (name, steps, beta): tuple(
                 Job(name, method, steps, (("beta", beta), ("precision", precision)))
                 for method in ("contrastive-sym-linear", "contrastive-sym")
             )
+            for name in self.args.problems
             for steps in self.args.steps
             for beta in betas
         }
         self.measure([job for pair in pairs.values() for job in pair], "agreement", once=True)
-        print(f"\n### {name}: the linear and full nudges over beta (symmetric, same phases, {precision})\n")
-        rows = []
-        for (steps, beta), (linear, full) in pairs.items():
-            smallest_linear, smallest_full = pairs[steps, betas[-1]]
-            rows.append(
-                [
-                    steps,
-                    beta,
-                    cosine_cell(self.grads[linear], self.grads[full]),
-                    cosine_cell(self.grads[linear], self.grads[smallest_linear]),
-                    cosine_cell(self.grads[full], self.grads[smallest_full]),
-                    f"{norm(self.grads[linear]):.3g}",
-                    f"{norm(self.grads[full]):.3g}",
-                ]
-            )
-        header = ["T", "beta", "cosine linear to full", f"linear: cosine to beta={betas[-1]}"]
-        header += [f"full: cosine to beta={betas[-1]}", "|linear|", "|full|"]
-        print(markdown(header, rows))
+        for name in self.args.problems:
+            print(f"\n### {name}: the linear and full nudges over beta (symmetric, same phases, {precision})\n")
+            rows = []
+            for steps in self.args.steps:
+                smallest_linear, smallest_full = pairs[name, steps, betas[-1]]
+                for beta in betas:
+                    linear, full = pairs[name, steps, beta]
+                    rows.append(
+                        [
+                            steps,
+                            beta,
+                            cosine_cell(self.grads[linear], self.grads[full]),
+                            cosine_cell(self.grads[linear], self.grads[smallest_linear]),
+                            cosine_cell(self.grads[full], self.grads[smallest_full]),
+                            f"{norm(self.grads[linear]):.3g}",
+                            f"{norm(self.grads[full]):.3g}",
+                        ]
+                    )
+            header = ["T", "beta", "cosine linear to full", f"linear: cosine to beta={betas[-1]}"]
+            header += [f"full: cosine to beta={betas[-1]}", "|linear|", "|full|"]
+            print(markdown(header, rows))
 
     def batched(self) -> None:
         where = torch.cuda.get_device_name(self.args.device) if self.args.device.startswith("cuda") else "the CPU"
@@ -647,7 +665,7 @@ class Benchmark:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=["conv5", "conv20", "sinusoid"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 50, 100, 200], help="inner steps T")
     parser.add_argument(

@@ -107,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(tasks) >= args.episodes:
             break
     tasks = tasks[: args.episodes]
+    curvature_tasks = min(args.curvature_tasks, len(tasks))
     rows = []
     for step in each_checkpoint(cli, args.checkpoints):
-        curvature_tasks = min(args.curvature_tasks, len(tasks))
         row = horizon_row(cli.model, tasks, args.multiples, curvature_tasks, args.power_iterations)
         rows.append({"meta-step": step, **row})
         print(rows[-1], flush=True)

@@ -205,37 +205,41 @@ def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(reproduce, tmp_
     assert steps and steps <= {point["meta_step"] for point in result["curve"][1:]}
     assert not cell.result_path(out).with_suffix(".ckpt").exists()  # the resume checkpoint is still removed
 
-    drift = [sys.executable, str(REPOSITORY / "benchmarks" / "estimate_drift.py"), "--config", str(cell.config)]
-    drift += ["--checkpoints", *map(str, kept), "--batches", "1", "--long", "40"]
-    text = subprocess.run(
-        drift, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True
-    ).stdout
-    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
-    columns = [entry.strip() for entry in header.strip("|").split(" | ")]
-    assert len(rows) == len(kept)
-    for row in rows:
-        values = dict(zip(columns, (float(entry) for entry in row.strip("|").split(" | ")), strict=True))
+    drift = run_diagnostic(reproduce, "estimate_drift.py", cell.config, kept, "--batches", "1", "--long", "40")
+    assert len(drift) == len(kept)
+    for values in drift:
         # 20 inner steps on a sinusoid task: the T-step contrastive estimate points MAML's way
         assert 0 < values["cos linear"] <= 1 and 0 <= values["residual after T"] < 1
 
-    horizon = [sys.executable, str(REPOSITORY / "benchmarks" / "adaptation_horizon.py"), "--config", str(cell.config)]
-    horizon += ["--checkpoints", *map(str, kept), "--episodes", "4", "--multiples", "1", "5"]
-    horizon += ["--power-iterations", "40"]
-    horizon += [f"--set={override}" for override in reproduce.smoke_overrides(cell)]
-    text = subprocess.run(
-        horizon, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True
-    ).stdout
-    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
-    columns = [entry.strip() for entry in header.strip("|").split(" | ")]
-    steps = re.findall(r"query_loss after (\d+)", header)
-    assert len(rows) == len(kept) and len(steps) == 2 and int(steps[1]) == 5 * int(steps[0])
-    for row in rows:
-        values = dict(zip(columns, (float(entry) for entry in row.strip("|").split(" | ")), strict=True))
+    horizon = run_diagnostic(
+        reproduce,
+        "adaptation_horizon.py",
+        cell.config,
+        kept,
+        *("--episodes", "4", "--multiples", "1", "5", "--power-iterations", "40"),
+        *(f"--set={override}" for override in reproduce.smoke_overrides(cell)),
+    )
+    assert len(horizon) == len(kept)
+    steps = re.findall(r"query_loss after (\d+)", " ".join(horizon[0]))
+    assert len(steps) == 2 and int(steps[1]) == 5 * int(steps[0])
+    for values in horizon:
         # SGD lr 0.005, momentum 0.9 (limit 2 x 1.9 / 0.005 = 760) on a sinusoid MLP: stable, so five times the
         # steps lower the inner loss further
         assert values["stability limit 2(1+mu)/lr"] == pytest.approx(760)
         assert 0 < values["top curvature at the start"] < 760
         assert values[f"L_in after {steps[1]}"] < values[f"L_in after {steps[0]}"]
+
+
+def run_diagnostic(reproduce, script: str, config: Path, checkpoints: list[Path], *options: str) -> list[dict]:
+    """Run a checkpoint diagnostic of ``benchmarks/`` on a run's config and checkpoints; its table, one dict per row."""
+    command = [sys.executable, str(REPOSITORY / "benchmarks" / script), "--config", str(config)]
+    command += ["--checkpoints", *map(str, checkpoints), *options]
+    text = subprocess.run(
+        command, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True
+    ).stdout
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
+    columns = [entry.strip() for entry in header.strip("|").split(" | ")]
+    return [dict(zip(columns, (float(entry) for entry in row.strip("|").split(" | ")), strict=True)) for row in rows]
 
 
 def test_absurd_results_are_failures_not_ok(reproduce, tmp_path) -> None:

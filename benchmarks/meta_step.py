@@ -29,7 +29,9 @@ Sections (``--sections``):
 - ``agreement`` (on request): the symmetric linear and full nudges on the same phases at each ``--agreement-betas``
   (in ``--agreement-precision``), their cosine and each one's cosine to its own estimate at the smallest beta:
   whether the two have one small-beta limit, and whether either has one at all. ReLU and max-pooling make a
-  nudged run jump wherever a unit switches, so there the finite difference carries ``jump / beta`` terms.
+  nudged run jump wherever a unit switches, so there the finite difference carries ``jump / beta`` terms. A third
+  estimate, the linear nudge forced with the query gradient along the free path (``path_nudge.py``), splits the
+  two nudges' disagreement into the query gradient's movement along an unconverged path and the kinks.
 
 Every process runs torch on one thread (shared cores make more threads slower and noisier).
 
@@ -61,6 +63,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from contrastive_floor import Forward, contrastive_floor, conv4_forward, mlp_forward
+from path_nudge import PathForcedNudge
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -87,6 +90,7 @@ CONTRASTIVE_METHODS = {  # method -> (symmetric, nudge)
     "contrastive-linear": (False, "linear"),
     "contrastive-sym-linear": (True, "linear"),
 }
+PATH_FORCED = "contrastive-sym-path"  # the agreement section's diagnostic (path_nudge.py), not a training estimator
 METHODS = (*CONTRASTIVE_METHODS, "floor", "floor-sym", "maml", "fomaml", "implicit", "reptile")
 INNER_LR, INNER_MOMENTUM, INIT_LAMBDA, QUERIES_PER_CLASS = 0.01, 0.9, 0.5, 15
 Grads = dict[str, Tensor]
@@ -143,10 +147,12 @@ def build_learner(problem: Problem, learn_lambda: bool) -> ComplexSynapse:
 
 def make_estimator(method: str, steps: int, beta: float, options: dict[str, Any]) -> Estimator:
     """The engine's estimator for ``method`` with ``T = steps`` (``options`` override its arguments)."""
+    settings = {"beta": beta, "inner_steps": steps, "nudged_steps": max(1, steps // 2), **options}
+    if method == PATH_FORCED:
+        return PathForcedNudge(**settings)
     if method in CONTRASTIVE_METHODS:
         symmetric, nudge = CONTRASTIVE_METHODS[method]
-        settings = {"beta": beta, "nudged_steps": max(1, steps // 2), "nudge": nudge, **options}
-        return Contrastive(symmetric=symmetric, inner_steps=steps, **settings)
+        return Contrastive(symmetric=symmetric, nudge=nudge, **settings)
     estimators = {"maml": MAML, "fomaml": FirstOrderMAML, "implicit": Implicit, "reptile": Reptile}
     return estimators[method](inner_steps=steps, **options)
 
@@ -583,38 +589,43 @@ class Benchmark:
 
     def agreement(self) -> None:
         """The symmetric linear and full nudges on the same phases over beta, on each problem: where the two share a
-        linear-response limit, each estimate tends to its own small-beta value and their cosine to 1."""
+        linear-response limit, each estimate tends to its own small-beta value and their cosine to 1. The
+        path-forced linear nudge (``path_nudge.py``) splits their disagreement: linear against path-forced is what
+        the query gradient's movement along the unconverged free path costs, path-forced against full the kinks."""
         betas, precision = sorted(self.args.agreement_betas, reverse=True), self.args.agreement_precision
-        pairs = {
-            (name, steps, beta): tuple(
-                Job(name, method, steps, (("beta", beta), ("precision", precision)))
-                for method in ("contrastive-sym-linear", "contrastive-sym")
-            )
+        kinds = {"linear": "contrastive-sym-linear", "path": PATH_FORCED, "full": "contrastive-sym"}
+        jobs = {
+            (name, steps, beta): {
+                kind: Job(name, method, steps, (("beta", beta), ("precision", precision)))
+                for kind, method in kinds.items()
+            }
             for name in self.args.problems
             for steps in self.args.steps
             for beta in betas
         }
-        self.measure([job for pair in pairs.values() for job in pair], "agreement", once=True)
+        self.measure([job for trio in jobs.values() for job in trio.values()], "agreement", once=True)
         for name in self.args.problems:
             print(f"\n### {name}: the linear and full nudges over beta (symmetric, same phases, {precision})\n")
             rows = []
             for steps in self.args.steps:
-                smallest_linear, smallest_full = pairs[name, steps, betas[-1]]
+                smallest = jobs[name, steps, betas[-1]]
                 for beta in betas:
-                    linear, full = pairs[name, steps, beta]
+                    grads = {kind: self.grads[job] for kind, job in jobs[name, steps, beta].items()}
                     rows.append(
                         [
                             steps,
                             beta,
-                            cosine_cell(self.grads[linear], self.grads[full]),
-                            cosine_cell(self.grads[linear], self.grads[smallest_linear]),
-                            cosine_cell(self.grads[full], self.grads[smallest_full]),
-                            f"{norm(self.grads[linear]):.3g}",
-                            f"{norm(self.grads[full]):.3g}",
+                            cosine_cell(grads["linear"], grads["full"]),
+                            cosine_cell(grads["linear"], grads["path"]),
+                            cosine_cell(grads["path"], grads["full"]),
+                            cosine_cell(grads["linear"], self.grads[smallest["linear"]]),
+                            cosine_cell(grads["full"], self.grads[smallest["full"]]),
+                            f"{norm(grads['linear']):.3g}",
+                            f"{norm(grads['full']):.3g}",
                         ]
                     )
-            header = ["T", "beta", "cosine linear to full", f"linear: cosine to beta={betas[-1]}"]
-            header += [f"full: cosine to beta={betas[-1]}", "|linear|", "|full|"]
+            header = ["T", "beta", "cosine linear to full", "linear to path-forced", "path-forced to full"]
+            header += [f"linear: cosine to beta={betas[-1]}", f"full: cosine to beta={betas[-1]}", "|linear|", "|full|"]
             print(markdown(header, rows))
 
     def batched(self) -> None:

@@ -48,7 +48,7 @@ class PathForcedNudge(Contrastive):
         take their ``K = nudged_steps`` steps (the points at which a nudged phase's own steps are taken, at beta 0)."""
         inner_gradient = torch.func.grad(lambda fast: learner.inner_loss(fast, meta, task.support))
         point, velocity = origin, self.nudged_optimizer.init(origin)
-        path = []
+        path: list[Params] = []
         for _ in range(self.nudged_steps):
             path.append(point)
             point, velocity = self.nudged_optimizer.update(point, inner_gradient(point), velocity)

@@ -4,6 +4,8 @@ nudge's small-beta limit on a smooth network, where the linear nudge, forced at 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,7 +13,8 @@ from torch import nn
 
 from lightning_contrastive import ComplexSynapse, Contrastive, meta_gradient
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "path_nudge.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "path_nudge.py"
 
 
 def load_path_nudge():
@@ -50,3 +53,17 @@ def test_path_forced_nudge_is_the_full_nudges_limit_on_unconverged_phases() -> N
     assert errors[1e-4][0] < 1e-7
     assert 50 < errors[1e-3][0] / errors[1e-4][0] < 200  # slope 2 in log-log: the error is O(beta^2)
     assert min(errors[1e-3][1], errors[1e-4][1]) > 0.1
+
+
+def test_agreement_section_prints_the_three_cosines() -> None:
+    """``meta_step.py --sections agreement`` on three sinusoid tasks at T = 10: the path-forced column is the one
+    that meets the full nudge (measured 1.0000, where the linear nudge is at 0.75), so the columns are wired to
+    the right estimates."""
+    command = [sys.executable, str(BENCHMARKS / "meta_step.py"), "--problems", "sinusoid", "--steps", "10"]
+    command += ["--sections", "agreement", "--agreement-betas", "0.001", "--sinusoid-tasks", "3"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
+    header, row = [line for line in output.splitlines() if line.startswith("| ")][-2:]  # the rule line is "|---|"
+    cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | "), strict=True))
+    linear_to_full = float(cells["cosine linear to full"])
+    assert float(cells["path-forced to full"]) > 0.999 > linear_to_full + 0.1
+    assert abs(float(cells["linear to path-forced"]) - linear_to_full) < 0.01

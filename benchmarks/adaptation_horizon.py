@@ -41,18 +41,18 @@ from lightning_contrastive.tasks import Params, Task, split_batch
 
 def top_curvature(objective: Callable[[Params], Tensor], at: Params, iterations: int, seed: int = 0) -> float:
     """The eigenvalue of largest magnitude of ``objective``'s Hessian at ``at``: the Rayleigh quotient after
-    ``iterations`` steps of power iteration, one Hessian-vector product (double backward) each."""
+    ``iterations`` steps of power iteration, one Hessian-vector product (a backward through the gradient, which is
+    taken once) each."""
     generator = torch.Generator().manual_seed(seed)
-    names = list(at)
-    vector = [torch.randn(at[name].shape, generator=generator, dtype=at[name].dtype) for name in names]
+    leaves = {name: p.detach().requires_grad_() for name, p in at.items()}
+    vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in leaves.values()]
+    with torch.enable_grad():
+        gradient = torch.autograd.grad(objective(leaves), list(leaves.values()), create_graph=True)
     quotient = 0.0
     for _ in range(iterations):
         norm = torch.sqrt(sum((v * v).sum() for v in vector))
         vector = [v / norm for v in vector]
-        leaves = {name: at[name].detach().requires_grad_() for name in names}
-        with torch.enable_grad():
-            gradient = torch.autograd.grad(objective(leaves), list(leaves.values()), create_graph=True)
-            product = torch.autograd.grad(gradient, list(leaves.values()), vector)
+        product = torch.autograd.grad(gradient, list(leaves.values()), vector, retain_graph=True)
         quotient = float(sum((p * v).sum() for p, v in zip(product, vector, strict=True)))
         vector = [p.detach() for p in product]
     return quotient

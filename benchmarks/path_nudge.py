@@ -30,7 +30,7 @@ from torch import Tensor
 from lightning_contrastive import Contrastive
 from lightning_contrastive.estimators.base import TaskEstimate, detached
 from lightning_contrastive.estimators.contrastive import _linear_objective
-from lightning_contrastive.inner import Phase
+from lightning_contrastive.inner import Phase, minimise
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Task
 
@@ -45,13 +45,15 @@ class PathForcedNudge(Contrastive):
 
     def free_path(self, learner: Learner, meta: Params, task: Task, origin: Params) -> list[Params]:
         """``psi_0 = origin, ..., psi_{K-1}``: where the free dynamics, restarted from ``origin`` with zero velocity,
-        take their ``K = nudged_steps`` steps (the points at which a nudged phase's own steps are taken, at beta 0)."""
-        inner_gradient = torch.func.grad(lambda fast: learner.inner_loss(fast, meta, task.support))
-        point, velocity = origin, self.nudged_optimizer.init(origin)
+        take their ``K = nudged_steps`` steps. It is the nudged phases' own loop at beta 0, recorded at each step's
+        start (a first-order phase evaluates its objective once per step, on parameters it then updates in place)."""
         path: list[Params] = []
-        for _ in range(self.nudged_steps):
-            path.append(point)
-            point, velocity = self.nudged_optimizer.update(point, inner_gradient(point), velocity)
+
+        def recorded(fast: Params) -> Tensor:
+            path.append({name: p.detach().clone() for name, p in fast.items()})
+            return learner.inner_loss(fast, meta, task.support)
+
+        minimise(recorded, origin, self.nudged_steps, self.nudged_optimizer)
         return path
 
     def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:

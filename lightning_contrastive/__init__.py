@@ -5,13 +5,16 @@ The learners, estimators and meta-gradients import no Lightning package. ``MetaL
 the unified ``lightning`` package are in :mod:`lightning_contrastive.lightning`.
 """
 
+import sys
 from typing import TYPE_CHECKING
 
+from lightning_contrastive import estimation
+from lightning_contrastive._deprecations import MovedModule
+from lightning_contrastive.estimation import MetaEstimate, estimate, meta_gradient
 from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
 from lightning_contrastive.faults import InnerFault, InnerLoopError
 from lightning_contrastive.inner import InnerSGD
 from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
-from lightning_contrastive.meta_gradient import MetaEstimate, estimate, meta_gradient
 from lightning_contrastive.tasks import Split, Task, split_batch
 
 if TYPE_CHECKING:  # imported on first use at run time (__getattr__ below); named here for type checkers
@@ -39,6 +42,10 @@ __all__ = [
     "split_batch",
 ]
 __version__ = "0.1.0"
+
+# The module behind `meta_gradient` was `lightning_contrastive.meta_gradient` until it got a name of its own; the old
+# path works for one release (CHANGELOG.md). `lightning_contrastive.meta_gradient` itself stays the function.
+sys.modules[f"{__name__}.meta_gradient"] = MovedModule(f"{__name__}.meta_gradient", estimation)
 
 
 def __getattr__(name: str) -> object:

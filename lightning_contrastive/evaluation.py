@@ -18,9 +18,9 @@ from lightning_utilities import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 
+from lightning_contrastive.estimation import cast_task, compute_dtype, ieee_float32
 from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import cast_task, compute_dtype, ieee_float32
 from lightning_contrastive.tasks import Params, Task, split_batch
 
 Z_95 = 1.959963984540054

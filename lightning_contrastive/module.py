@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_contrastive.checkpoints import check_checkpoint_fits
+from lightning_contrastive.estimation import FaultPolicy, estimate
+from lightning_contrastive.estimation import meta_gradient as estimated_meta_gradient
 from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.evaluation import (
     EpisodeMetrics,
@@ -35,8 +37,6 @@ from lightning_contrastive.evaluation import (
 )
 from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import FaultPolicy, estimate
-from lightning_contrastive.meta_gradient import meta_gradient as estimated_meta_gradient
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class MetaLearningModule(pl.LightningModule):
             ``ReduceLROnPlateau`` scheduler monitors ``val/query_loss``.
         on_inner_fault: ``"stop"`` (raise) or ``"skip"`` (drop and count) a task whose inner phases failed.
         batched: how a training batch's tasks run: ``True`` together under ``torch.func.vmap``, ``False`` one
-            after another, ``None`` (default) as :func:`~lightning_contrastive.meta_gradient.choose_batched`
+            after another, ``None`` (default) as :func:`~lightning_contrastive.estimation.choose_batched`
             picks for the learner, the estimator and the device (vmapped, except convolutions on the CPU).
         cpu_threads: torch's intra-op threads while a Trainer runs this module on the CPU (``fit``, ``validate``,
             ``test``, ``predict``); the previous setting is restored when it ends. ``"auto"`` (default): one thread,

@@ -30,8 +30,8 @@ from lightning_contrastive import (
     estimate,
     meta_gradient,
 )
+from lightning_contrastive.estimation import choose_batched
 from lightning_contrastive.inner import minimise
-from lightning_contrastive.meta_gradient import choose_batched
 from lightning_contrastive.tasks import Params, Split
 
 Batch = dict[str, tuple[Tensor, Tensor]]

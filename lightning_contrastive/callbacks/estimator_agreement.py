@@ -12,9 +12,9 @@ from torch import Tensor
 
 from lightning_contrastive.callbacks._utils import flat_groups, meta_learning_module, metric_name, ratio
 from lightning_contrastive.callbacks.held_batch import HeldBatchDiagnostic
+from lightning_contrastive.estimation import meta_gradient
 from lightning_contrastive.estimators import Estimator, Implicit
 from lightning_contrastive.faults import InnerLoopError
-from lightning_contrastive.meta_gradient import meta_gradient
 from lightning_contrastive.module import MetaLearningModule
 
 

@@ -12,10 +12,10 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
 from lightning_contrastive.callbacks.held_batch import HeldBatchDiagnostic
+from lightning_contrastive.estimation import cast_task, compute_dtype
 from lightning_contrastive.estimators import Contrastive, Estimator
 from lightning_contrastive.inner import InnerSGD, minimise
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.meta_gradient import cast_task, compute_dtype
 from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.tasks import Params, split_batch
 

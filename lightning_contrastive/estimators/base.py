@@ -25,7 +25,7 @@ class TaskEstimate:
         adapted: the task's fast parameters after learning its support set (detached).
         inner_losses: the objective at the end of each inner phase, by phase name (detached).
         faults: by phase name, a boolean scalar tensor that is True when the phase failed: it produced NaN or
-            inf, or (nudged phases) diverged. Kept on the device; :func:`~lightning_contrastive.meta_gradient.estimate`
+            inf, or (nudged phases) diverged. Kept on the device; :func:`~lightning_contrastive.estimation.estimate`
             reads all of a meta-batch's flags at once. An estimator that reports none is still checked through
             its surrogate.
     """

@@ -1,4 +1,9 @@
-"""Meta-gradients of a learner on an episodic batch, from any estimator."""
+"""Meta-gradients of a learner on an episodic batch, from any estimator.
+
+The module behind the function :func:`lightning_contrastive.meta_gradient` (its own name since 0.2.0, so that the
+module and the function are not one name: the old path ``lightning_contrastive.meta_gradient`` as a module is
+deprecated).
+"""
 
 from __future__ import annotations
 

@@ -23,7 +23,9 @@ from typing import Any
 import griffe
 
 PACKAGE = "lightning_contrastive"
-ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|obj|data|exc|const):`(?P<tilde>~?)(?P<target>[\w.]+)(?:\(\))?`")
+ROLE = re.compile(
+    r":(?:py:)?(?:class|func|meth|mod|attr|obj|data|exc|const):`(?P<tilde>~?)(?P<target>[\w.]+)(?:\(\))?`"
+)
 LITERAL_BLOCK = re.compile(r"(?<=\S)::$", re.MULTILINE)
 ESCAPED_SPACE = re.compile(r"(?<=`)\\ ")  # reST's ``nn.Parameter``\ s: the code span and the plural's s, joined
 

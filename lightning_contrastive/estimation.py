@@ -1,8 +1,8 @@
 """Meta-gradients of a learner on an episodic batch, from any estimator.
 
-The module behind the function :func:`lightning_contrastive.meta_gradient` (its own name since 0.2.0, so that the
-module and the function are not one name: the old path ``lightning_contrastive.meta_gradient`` as a module is
-deprecated).
+The module behind the function :func:`lightning_contrastive.meta_gradient`, under a name of its own so that
+importing it gives this module, not the function. Its old path, ``lightning_contrastive.meta_gradient`` as a module,
+is deprecated.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lightning_contrastive._deprecations import renamed_argument
 from lightning_contrastive.estimators.base import Estimator, TaskEstimate, detached
 from lightning_contrastive.inner import InnerSGD, Phase, check_steps, inside_function_transform, minimise
 from lightning_contrastive.learners.base import Learner
@@ -16,6 +18,9 @@ from lightning_contrastive.tasks import Params, Split, Task
 
 Nudge = Literal["linear", "full"]
 Precision = Literal["float32", "float64"]
+_FREE_STEPS_RENAMED = (
+    "Contrastive.free_steps is deprecated and will be removed in the next release: it was renamed inner_steps."
+)
 
 
 class Contrastive(Estimator):
@@ -77,6 +82,8 @@ class Contrastive(Estimator):
         precision: the dtype of the phases and of the contrastive difference, at least the learner's:
             ``"float64"`` for a beta so small (below about 1e-3 for float32 models) that the difference of
             float32 losses loses its digits; it costs about twice the time on CPUs.
+        free_steps: deprecated alias of ``inner_steps`` (its former name), accepted for one release with a
+            ``DeprecationWarning``; passing both with different values is a ``ValueError``. Pass ``inner_steps``.
     """
 
     batchable = True
@@ -94,8 +101,10 @@ class Contrastive(Estimator):
         query_subsample: int | None = None,
         divergence_ratio: float = 10.0,
         precision: Precision = "float32",
+        free_steps: int | None = None,
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
+        inner_steps = renamed_argument("Contrastive", "free_steps", free_steps, "inner_steps", inner_steps, 100)
         if isinstance(beta, bool) or not beta > 0:
             raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")
         check_steps("inner_steps", inner_steps)
@@ -127,6 +136,17 @@ class Contrastive(Estimator):
     @property
     def adaptation_steps(self) -> int:
         return self.inner_steps
+
+    @property
+    def free_steps(self) -> int:
+        """Deprecated alias of ``inner_steps`` (its former name), kept for one release."""
+        warnings.warn(_FREE_STEPS_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.inner_steps
+
+    @free_steps.setter
+    def free_steps(self, steps: int) -> None:
+        warnings.warn(_FREE_STEPS_RENAMED, DeprecationWarning, stacklevel=2)
+        self.inner_steps = steps
 
     @property
     def minimum_dtype(self) -> torch.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -14,6 +15,20 @@ from torch import Tensor
 
 from lightning_contrastive.compat.flavours import check_same_lightning
 from lightning_contrastive.module import MetaLearningModule
+
+
+class SettingsCallback(Callback):
+    """A callback whose ``repr`` is its constructor call with its settings: ``BetaSchedule(start=0.1, end=0.01, ...)``.
+
+    Each setting is read back from the attribute named after its constructor argument (every callback here keeps its
+    arguments under their own names); what a run accumulates (held batches, traces, curve points) is not a setting
+    and stays out, so the ``repr`` of a callback is the same before and after training.
+    """
+
+    def __repr__(self) -> str:
+        arguments = inspect.signature(type(self).__init__).parameters
+        settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in list(arguments)[1:])
+        return f"{type(self).__name__}({settings})"
 
 
 def check_every_n_steps(every_n_steps: int) -> None:

@@ -6,16 +6,15 @@ import math
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_contrastive.callbacks._utils import meta_learning_module
+from lightning_contrastive.callbacks._utils import SettingsCallback, meta_learning_module
 from lightning_contrastive.estimators import Contrastive
 
 ScheduleKind = Literal["linear", "geometric"]
 
 
-class BetaSchedule(Callback):
+class BetaSchedule(SettingsCallback):
     """Anneal ``beta`` of a :class:`~lightning_contrastive.Contrastive` estimator from ``start`` to ``end``.
 
     At meta-step ``t`` (``trainer.global_step``) with ``s = min(t / steps, 1)``:

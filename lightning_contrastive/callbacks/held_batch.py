@@ -9,14 +9,18 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_utilities import apply_to_collection
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from lightning_contrastive.callbacks._utils import check_every_n_steps, log_to_loggers, meta_learning_module
+from lightning_contrastive.callbacks._utils import (
+    SettingsCallback,
+    check_every_n_steps,
+    log_to_loggers,
+    meta_learning_module,
+)
 from lightning_contrastive.module import MetaLearningModule
 
 
-class HeldBatchDiagnostic(Callback, ABC):
+class HeldBatchDiagnostic(SettingsCallback, ABC):
     """Every ``every_n_steps`` meta-steps, :meth:`diagnose` the module on a held batch and log the result.
 
     The held batch is the first training batch the callback sees, copied and kept for the whole run, so

@@ -9,10 +9,14 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_contrastive.callbacks._utils import check_every_n_steps, log_to_loggers, meta_learning_module
+from lightning_contrastive.callbacks._utils import (
+    SettingsCallback,
+    check_every_n_steps,
+    log_to_loggers,
+    meta_learning_module,
+)
 from lightning_contrastive.evaluation import EpisodeMetrics
 
 Clock = Literal["wall", "cpu"]
@@ -38,7 +42,7 @@ class CurvePoint:
     episodes: int
 
 
-class LearningCurve(Callback):
+class LearningCurve(SettingsCallback):
     """Evaluates the module on the data module's fixed test (or validation) episodes at regular points of meta-training.
 
     A point is taken before the first meta-step, every ``every_n_steps`` meta-steps and/or every ``every_seconds``

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_contrastive.callbacks._utils import (
+    SettingsCallback,
     check_every_n_steps,
     flat_groups,
     log_to_loggers,
@@ -20,7 +20,7 @@ from lightning_contrastive.callbacks._utils import (
 )
 
 
-class MetaGradientMonitor(Callback):
+class MetaGradientMonitor(SettingsCallback):
     """Every ``every_n_steps`` meta-steps, log the meta-gradient's norm and the update-to-parameter ratio per group.
 
     A group is the first component of a meta-parameter's name: ``omega`` and ``lambda`` for

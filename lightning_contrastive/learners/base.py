@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,24 @@ class Learner(nn.Module, ABC):
         super().__init__()
         self.loss_name = loss
         self._loss = get_loss(loss)
+
+    def extra_repr(self) -> str:
+        """The learner's settings, first line of its ``repr`` (subclasses add theirs after ``loss``)."""
+        return f"loss={self.loss_name!r}"
+
+    def __repr__(self) -> str:
+        """``nn.Module``'s tree of the learner, with each parameter-free network copy (:func:`functional_copy`)
+        shown as the user's layers with their shapes.
+
+        The copies' layers read their weights in their own ``extra_repr`` (``Linear``'s ``bias=True``,
+        ``BatchNorm2d``'s ``bias``), so for the duration of the call each removed weight is put back as a
+        placeholder of the same shape and dtype on the ``meta`` device (no memory, no values).
+        """
+        with ExitStack() as stack:
+            for module in self.modules():
+                if _REMOVED_PARAMETERS in module.__dict__:
+                    stack.enter_context(_placeholders_attached(module))
+            return super().__repr__()
 
     def named_meta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The meta-parameters ``theta``, by name: those the estimators differentiate."""
@@ -125,19 +143,54 @@ class Learner(nn.Module, ABC):
                 check_targets(self.loss_name, prediction, split.y, where)
 
 
+_REMOVED_PARAMETERS = "_lightning_contrastive_removed_parameters"
+"""Attribute of a :func:`functional_copy` holding, per removed parameter name, a ``meta``-device placeholder."""
+
+
 def functional_copy(module: nn.Module) -> tuple[nn.Module, Params]:
     """A parameter-free deep copy of ``module`` for ``functional_call``, and its parameters.
 
     The copy keeps ``module``'s structure and buffers but no parameters (every call supplies
     them), so a learner holding it neither duplicates the weights nor exposes them to the outer
-    optimizer; the user's module is never touched.
+    optimizer; the user's module is never touched. Each module of the copy remembers the shape and dtype of
+    what it lost, as placeholders on the ``meta`` device (no memory), so that :meth:`Learner.__repr__` can print it.
     """
     structure = copy.deepcopy(module)
     params = {name: p.detach().clone() for name, p in structure.named_parameters()}
     for submodule in structure.modules():
-        for name in [n for n, p in submodule._parameters.items() if p is not None]:
+        removed = {name: p for name, p in submodule._parameters.items() if p is not None}
+        for name in removed:
             del submodule._parameters[name]  # absent parameters (a Linear's bias=None) stay None
+        if removed:
+            submodule.__dict__[_REMOVED_PARAMETERS] = {
+                name: torch.empty_like(p, device="meta").detach() for name, p in removed.items()
+            }
     return structure, params
+
+
+@contextmanager
+def _placeholders_attached(module: nn.Module) -> Iterator[None]:
+    """Inside the block, ``module`` (a part of a :func:`functional_copy`) holds its removed parameters'
+    placeholders again, so that code reading them (its ``extra_repr``) runs."""
+    removed = module.__dict__[_REMOVED_PARAMETERS]
+    module._parameters.update(removed)
+    try:
+        yield
+    finally:
+        for name in removed:
+            del module._parameters[name]
+
+
+def with_parameters(structure: nn.Module, params: Params) -> nn.Module:
+    """A deep copy of ``structure`` (from :func:`functional_copy`) holding detached copies of ``params`` as
+    ``nn.Parameter``\\ s: an ordinary module again, with nothing of this library left in it."""
+    network = copy.deepcopy(structure)
+    for submodule in network.modules():
+        submodule.__dict__.pop(_REMOVED_PARAMETERS, None)
+    for name, value in params.items():
+        *path, leaf = name.split(".")
+        network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(value.detach().clone()))
+    return network
 
 
 @contextmanager
@@ -189,10 +242,7 @@ def plain_network(structure: nn.Module, params: Params, running_statistics: tupl
     batch's statistics, and accumulate running ones as any training BatchNorm does) and every other module is in
     evaluation mode (no Dropout, as in the learner's phases).
     """
-    network = copy.deepcopy(structure)
-    for name, value in params.items():
-        *path, leaf = name.split(".")
-        network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(value.detach().clone()))
+    network = with_parameters(structure, params)
     like = next(iter(params.values()))
     for name in running_statistics:
         layer = network.get_submodule(name)
@@ -224,6 +274,19 @@ class ParameterTree(nn.Module):
                     node.add_module(part, nn.Module())
                 node = node._modules[part]  # type: ignore[assignment]
             node.register_parameter(leaf, nn.Parameter(tensor.detach().clone()))
+
+    def __repr__(self) -> str:
+        """One line per tensor, by its dotted name, in the style of ``nn.ParameterDict``: ``(0.weight): Parameter
+        containing: [torch.FloatTensor of size 8x1]``, rather than the empty modules that hold them."""
+        lines = [f"({name}): {_describe_parameter(p)}" for name, p in self.named_parameters()]
+        return f"{type(self).__name__}(" + "".join(f"\n  {line}" for line in lines) + ("\n)" if lines else ")")
+
+
+def _describe_parameter(p: Tensor) -> str:
+    """``nn.ParameterDict``'s wording for a parameter: its type, size and (off the CPU) device."""
+    size = "x".join(str(n) for n in p.size())
+    device = "" if p.device.type == "cpu" else f" ({p.device})"
+    return f"Parameter containing: [{torch.typename(p)} of size {size}{device}]"
 
 
 class AdaptedNetwork(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -16,6 +15,7 @@ from lightning_contrastive.learners.base import (
     functional_copy,
     plain_network,
     use_batch_statistics,
+    with_parameters,
 )
 from lightning_contrastive.losses import LossName
 from lightning_contrastive.tasks import Params
@@ -72,6 +72,10 @@ class ComplexSynapse(Learner):
             log_strengths = {name: torch.full_like(w, math.log(init_lambda)) for name, w in weights.items()}
             self.add_module("lambda", ParameterTree(log_strengths))
 
+    def extra_repr(self) -> str:
+        """Loss and strengths: ``loss='mse', init_lambda=0.5, learn_lambda=True``."""
+        return f"{super().extra_repr()}, init_lambda={self.init_lambda}, learn_lambda={self.learn_lambda}"
+
     def init_fast(self, meta: Params) -> Params:
         """``phi = omega``."""
         return {name: meta[f"omega.{name}"] for name in self.fast_names}
@@ -84,11 +88,7 @@ class ComplexSynapse(Learner):
     def as_module(self, fast: Params) -> nn.Module:
         """A copy of the backbone carrying the task's fast weights, in evaluation mode as in the phases (its
         BatchNorm layers use batch statistics in either mode)."""
-        network = copy.deepcopy(self.backbone).eval()
-        for name, weight in fast.items():
-            *path, leaf = name.split(".")
-            network.get_submodule(".".join(path)).register_parameter(leaf, nn.Parameter(weight.detach().clone()))
-        return network
+        return with_parameters(self.backbone, fast).eval()
 
     def meta_learned_network(self) -> nn.Module:
         """The backbone with its weights at ``omega``, as a plain copy of the user's module.

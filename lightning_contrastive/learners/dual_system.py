@@ -174,6 +174,19 @@ class DualSystem(Learner):
         self.fast_names = tuple(starts)
         self.init = ParameterTree(starts)
 
+    def extra_repr(self) -> str:
+        """Settings, then where the fast system acts: each modulated layer (its units, and the normalisation layer
+        its gains and shifts follow, if any) and the readout, by their names in the primary network."""
+        code = f", code_size={self.code_size}" if self.modulator_kind == "network" else ""
+        sites = "".join(
+            f"\n{block.layer}: {block.units} units" + (f", after {block.site}" if block.site != block.layer else "")
+            for block in self.modulated
+        )
+        return (
+            f"{super().extra_repr()}, pull={self.pull}, modulator={self.modulator_kind!r}{code}"
+            f"\nmodulated layers:{_indented(sites)}\nreadout: {self.readout_layer}"
+        )
+
     def init_fast(self, meta: Params) -> Params:
         """``m = m0``: every fast parameter starts at its ``init.*`` meta-parameter."""
         return {name: meta[f"init.{name}"] for name in self.fast_names}
@@ -407,6 +420,10 @@ def _gain_and_shift(gain: Tensor, shift: Tensor) -> Callable[[nn.Module, tuple[T
         return gain * output + shift
 
     return hook
+
+
+def _indented(lines: str) -> str:
+    return lines.replace("\n", "\n  ")
 
 
 def _describe(name: str, module: nn.Module) -> str:

@@ -26,8 +26,6 @@ from lightning_contrastive.cli import MetaLearningCLI
 from lightning_contrastive.compat.flavours import FLAVOURED, MIRROR
 from lightning_contrastive.module import MetaLearningModule
 
-SINUSOID_CONTRASTIVE = Path(__file__).resolve().parents[1] / "configs" / "sinusoid" / "contrastive.yaml"
-
 
 # ------------------------------------------------------------------ the module behind meta_gradient
 def test_the_package_exports_the_function_meta_gradient_and_the_module_estimation() -> None:
@@ -127,36 +125,41 @@ def bare_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-def one_step(checkpoints: Path, config: Path = SINUSOID_CONTRASTIVE, *overrides: str) -> list[str]:
-    """``fit`` arguments for one small meta-step of a sinusoid config, saving ``last.ckpt`` in ``checkpoints``."""
-    return [
-        "fit",
-        f"--config={config}",
-        *overrides,
-        "--trainer.max_steps=1",
-        "--trainer.limit_val_batches=0",
-        f"--trainer.default_root_dir={checkpoints.parent}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.callbacks=ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={checkpoints}",
-        "--trainer.callbacks.save_last=true",
-        "--model.learner.init_args.backbone.init_args.hidden=[8]",
-        "--model.estimator.init_args.nudged_steps=2",
-        "--data.batch_size=2",
-    ]
+def one_step_config(folder: Path, estimator: dict[str, object]) -> Path:
+    """A config file in ``folder``: one meta-step of a small complex synapse on sinusoids with
+    ``Contrastive(**estimator)``, saving ``last.ckpt`` in ``folder``."""
+    config = {
+        "trainer": {
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(folder),
+            "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(folder), "save_last": True}}],
+        },
+        "model": {
+            "learner": {
+                "class_path": "lightning_contrastive.ComplexSynapse",
+                "init_args": {
+                    "backbone": {"class_path": "lightning_contrastive.networks.MLP", "init_args": {"hidden": [8]}},
+                    "loss": "mse",
+                },
+            },
+            "estimator": {"class_path": "lightning_contrastive.Contrastive", "init_args": estimator},
+        },
+        "data": {"class_path": "SinusoidDataModule", "init_args": {"batch_size": 2}},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.mark.usefixtures("bare_command_line")
 def test_a_yaml_config_with_free_steps_runs_through_the_cli_with_a_warning(tmp_path: Path) -> None:
-    config = yaml.safe_load(SINUSOID_CONTRASTIVE.read_text())
-    estimator = config["model"]["estimator"]["init_args"]
-    del estimator["inner_steps"]
-    estimator["free_steps"] = 3  # as the previous release's configs said it
-    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config))
+    config = one_step_config(tmp_path, {"free_steps": 3, "nudged_steps": 2})  # as the previous release's said it
     with pytest.warns(DeprecationWarning, match="renamed inner_steps"):
-        cli = MetaLearningCLI(args=one_step(tmp_path / "checkpoints", tmp_path / "old.yaml"))
+        cli = MetaLearningCLI(args=["fit", f"--config={config}"])
     assert cli.model.estimator.inner_steps == 3 and cli.trainer.global_step == 1
 
 
@@ -174,10 +177,8 @@ def checkpoint_before_the_rename(bare_command_line: None, tmp_path: Path) -> Pat
 
     Saved by today's code, then its configuration edited: ``inner_steps`` renamed back to ``free_steps``.
     """
-    MetaLearningCLI(
-        args=one_step(tmp_path / "checkpoints", SINUSOID_CONTRASTIVE, "--model.estimator.init_args.inner_steps=3")
-    )
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    MetaLearningCLI(args=["fit", f"--config={one_step_config(tmp_path, {'inner_steps': 3, 'nudged_steps': 2})}"])
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     saved = checkpoint["hyper_parameters"]["estimator"]["init_args"]
     del saved["free_steps"]  # today's code saves the alias too, unset
     saved["free_steps"] = saved.pop("inner_steps")

@@ -8,7 +8,7 @@ a single free and a single nudged step per phase, and scales it to the whole met
 independent): a lower bound on a real meta-step (the reference settings run 100-200 steps per phase),
 so the printed loading share is an upper bound.
 
-    python benchmarks/data_loading.py [--root PATH] [--batches 50] [--meta-step] [--threads N]
+    python -m benchmarks.data_loading [--root PATH] [--batches 50] [--meta-step] [--threads N]
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import omniglot_root
 from lightning_contrastive.data.omniglot import OmniglotDataModule, read_omniglot
 
 SETTINGS = {"5-way 1-shot": {"ways": 5, "batch_size": 32}, "20-way 1-shot": {"ways": 20, "batch_size": 16}}
-DEFAULT_ROOT = os.environ.get(
-    "LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT", Path(__file__).resolve().parents[1].parent / "shared/data/omniglot"
-)
 
 
 def time_decoding(root: Path) -> None:
@@ -79,7 +77,9 @@ def time_meta_step(batch: dict, ways: int, tasks: int = 2) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path(DEFAULT_ROOT), help="folder of the Omniglot zips")
+    parser.add_argument(
+        "--root", type=Path, default=omniglot_root(), help="folder of the Omniglot zips (default: %(default)s)"
+    )
     parser.add_argument("--batches", type=int, default=50, help="meta-batches timed per setting")
     parser.add_argument("--meta-step", action="store_true", help="also time a minimal Conv4 contrastive meta-step")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

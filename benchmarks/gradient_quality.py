@@ -28,8 +28,8 @@ heavy-ball converges fast for this Hessian spectrum), and is scored by its cosin
 
 Runs on one torch thread: 50 s to 2 minutes in full (idle to busy cores), ~10 s with ``--quick``.
 
-    python benchmarks/gradient_quality.py --out DIR             # writes DIR/gradient_quality.json
-    python benchmarks/gradient_quality.py --out DIR --quick     # fewer betas and step counts
+    python -m benchmarks.gradient_quality --out DIR             # writes DIR/gradient_quality.json
+    python -m benchmarks.gradient_quality --out DIR --quick     # fewer betas and step counts
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from benchmarks import REPOSITORY
 from lightning_contrastive import MAML, ComplexSynapse, Contrastive, FirstOrderMAML, Implicit, InnerLoopError, Reptile
 from lightning_contrastive.data.sinusoid import SinusoidTasks
+from lightning_contrastive.estimation import cast_task, meta_gradient
 from lightning_contrastive.estimators.base import Estimator
-from lightning_contrastive.meta_gradient import cast_task, meta_gradient
 from lightning_contrastive.tasks import Params, Task, split_batch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_FIGURE = REPO / "docs" / "gradient_quality.png"
+DEFAULT_FIGURE = REPOSITORY / "docs" / "gradient_quality.png"
 
 SEED = 0
 NUM_TASKS = 4
@@ -393,7 +393,7 @@ def run(out_dir: Path, quick: bool, figure: Path = DEFAULT_FIGURE) -> Path:
     }
     results["seconds"] = time.perf_counter() - started
     plot(results, figure)
-    results["figure"] = str(figure.relative_to(REPO)) if figure.is_relative_to(REPO) else str(figure)
+    results["figure"] = str(figure.relative_to(REPOSITORY)) if figure.is_relative_to(REPOSITORY) else str(figure)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "gradient_quality.json"
     path.write_text(json.dumps(results, indent=2))
@@ -459,7 +459,7 @@ def report(json_path: Path) -> str:
         f"![gradient quality]({r['figure']})",
         "",
         f"Reproduce ({r['seconds']:.0f} s, {r['mode']} run, one thread): "
-        "`python benchmarks/gradient_quality.py --out DIR` (add `--quick` for a ~10 s check).",
+        "`python -m benchmarks.gradient_quality --out DIR` (add `--quick` for a ~10 s check).",
         "",
     ]
     return "\n".join(lines)

@@ -7,8 +7,8 @@ fast tests that cover that code (``pytest -x``, no ``slow`` tests); the mutation
 A baseline run of the same tests on the unmutated copy comes first: they must pass, or "killed" would mean nothing;
 a mutation that stops pytest itself (an import error) is reported as an error, not as killed.
 
-    python benchmarks/mutations.py            # every mutation, a table of killed/survived (about 5 minutes)
-    python benchmarks/mutations.py -k pull    # only mutations whose name contains "pull"
+    python -m benchmarks.mutations            # every mutation, a table of killed/survived (about 5 minutes)
+    python -m benchmarks.mutations -k pull    # only mutations whose name contains "pull"
 
 Exits with status 1 if any mutation survives, and 2 if a mutation no longer applies (its text is not in the source
 exactly once: the list has gone stale and must follow the code).
@@ -222,7 +222,7 @@ MUTATIONS = [
     ),
     Mutation(
         "TF32 matrix products left as the caller set them",
-        "lightning_contrastive/meta_gradient.py",
+        "lightning_contrastive/estimation.py",
         '("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")',
         '("cudnn.conv", "cudnn.rnn", "mkldnn.conv", "mkldnn.rnn")',
         ("tests/test_precision.py",),

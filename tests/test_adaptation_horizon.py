@@ -1,32 +1,23 @@
-"""``benchmarks/adaptation_horizon.py``'s curvature estimate against the exact Hessian spectrum."""
+"""``benchmarks.diagnostics.adaptation_horizon``'s curvature estimate against the exact Hessian spectrum."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_horizon():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its sibling run_checkpoints
-    try:
-        spec = importlib.util.spec_from_file_location("adaptation_horizon", BENCHMARKS / "adaptation_horizon.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
+horizon = importlib.import_module("benchmarks.diagnostics.adaptation_horizon")
 
 
 def test_top_curvature_is_the_largest_hessian_eigenvalue() -> None:
     """A non-quadratic loss over two named tensors: power iteration on Hessian-vector products gives the top
     eigenvalue of the dense Hessian (``torch.autograd.functional.hessian``) at the point."""
-    horizon = load_horizon()
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(30, 4, generator=generator, dtype=torch.float64)
     targets = torch.randn(30, generator=generator, dtype=torch.float64)

@@ -1,9 +1,9 @@
-"""The gradient-quality study (``benchmarks/gradient_quality.py``) in its quick form: the exact meta-gradient is right,
-and each estimator approaches it as theory says."""
+"""The gradient-quality study (``python -m benchmarks.gradient_quality``) in its quick form: the exact meta-gradient
+is right, and each estimator approaches it as theory says."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -11,21 +11,14 @@ from types import ModuleType
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_quality.py"
-
-
-def load_benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gradient_quality", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, Path, dict]:
-    benchmark = load_benchmark()
+    benchmark = importlib.import_module("benchmarks.gradient_quality")
     out = tmp_path_factory.mktemp("gradient_quality")
     path = benchmark.run(out, quick=True, figure=out / "gradient_quality.png")
     return benchmark, path, json.loads(path.read_text())
@@ -65,6 +58,6 @@ def test_estimators_against_inner_steps(quick_run: tuple[ModuleType, Path, dict]
 def test_the_report_and_figure(quick_run: tuple[ModuleType, Path, dict]) -> None:
     benchmark, path, results = quick_run
     text = benchmark.report(path)
-    assert "python benchmarks/gradient_quality.py --out DIR" in text and "positive definite: True" in text
+    assert "python -m benchmarks.gradient_quality --out DIR" in text and "positive definite: True" in text
     assert f"{results['beta_sweep']['symmetric_slope']:.2f}" in text
     assert (path.parent / "gradient_quality.png").stat().st_size > 10_000

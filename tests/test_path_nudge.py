@@ -1,9 +1,9 @@
-"""``benchmarks/path_nudge.py``: forcing the linear nudge with the query gradient along the free path gives the full
-nudge's small-beta limit on a smooth network, where the linear nudge, forced at ``phi_0`` only, does not."""
+"""``benchmarks.diagnostics.path_nudge``: forcing the linear nudge with the query gradient along the free path gives
+the full nudge's small-beta limit on a smooth network, where the linear nudge, forced at ``phi_0`` only, does not."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +13,10 @@ from torch import nn
 
 from lightning_contrastive import ComplexSynapse, Contrastive, meta_gradient
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPT = BENCHMARKS / "path_nudge.py"
-
-
-def load_path_nudge():
-    spec = importlib.util.spec_from_file_location("path_nudge", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
+path_nudge = importlib.import_module("benchmarks.diagnostics.path_nudge")
 
 
 def relative_error(estimate: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -40,7 +35,6 @@ def test_path_forced_nudge_is_the_full_nudges_limit_on_unconverged_phases() -> N
     x = torch.rand(1, 35, 1, dtype=torch.float64) * 10 - 5
     y = 2.0 * torch.sin(x + 0.5)
     batch = {"train": (x[:, :10], y[:, :10]), "test": (x[:, 10:], y[:, 10:])}
-    path_nudge = load_path_nudge()
 
     errors = {}
     for beta in (1e-3, 1e-4):
@@ -56,12 +50,12 @@ def test_path_forced_nudge_is_the_full_nudges_limit_on_unconverged_phases() -> N
 
 
 def test_agreement_section_prints_the_three_cosines() -> None:
-    """``meta_step.py --sections agreement`` on three sinusoid tasks at T = 10: the path-forced column is the one
-    that meets the full nudge (measured 1.0000, where the linear nudge is at 0.75), so the columns are wired to
-    the right estimates."""
-    command = [sys.executable, str(BENCHMARKS / "meta_step.py"), "--problems", "sinusoid", "--steps", "10"]
+    """``python -m benchmarks.meta_step --sections agreement`` on three sinusoid tasks at T = 10: the path-forced
+    column is the one that meets the full nudge (measured 1.0000, where the linear nudge is at 0.75), so the columns
+    are wired to the right estimates."""
+    command = [sys.executable, "-m", "benchmarks.meta_step", "--problems", "sinusoid", "--steps", "10"]
     command += ["--sections", "agreement", "--agreement-betas", "0.001", "--sinusoid-tasks", "3"]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
+    output = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, check=True, timeout=600).stdout
     header, row = [line for line in output.splitlines() if line.startswith("| ")][-2:]  # the rule line is "|---|"
     cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | "), strict=True))
     linear_to_full = float(cells["cosine linear to full"])

@@ -192,8 +192,8 @@ def test_a_cell_interrupted_in_meta_training_resumes_from_its_last_curve_point(r
 
 
 def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(reproduce, tmp_path) -> None:
-    """``--keep-checkpoints`` leaves one checkpoint per curve point, which ``estimate_drift.py`` and
-    ``adaptation_horizon.py`` read back."""
+    """``--keep-checkpoints`` leaves one checkpoint per curve point, which the ``estimate_drift`` and
+    ``adaptation_horizon`` diagnostics read back."""
     out = tmp_path / "results"
     cell = reproduce.Cell("sinusoid_5shot", "complex_synapse", "maml")
     command = [sys.executable, str(SCRIPT), "--run-cell", cell.suite, cell.learner, cell.estimator, "--out", str(out)]
@@ -205,7 +205,7 @@ def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(reproduce, tmp_
     assert steps and steps <= {point["meta_step"] for point in result["curve"][1:]}
     assert not cell.result_path(out).with_suffix(".ckpt").exists()  # the resume checkpoint is still removed
 
-    drift = run_diagnostic(reproduce, "estimate_drift.py", cell.config, kept, "--batches", "1", "--long", "40")
+    drift = run_diagnostic(reproduce, "estimate_drift", cell.config, kept, "--batches", "1", "--long", "40")
     assert len(drift) == len(kept)
     for values in drift:
         # 20 inner steps on a sinusoid task: the T-step contrastive estimate points MAML's way
@@ -213,7 +213,7 @@ def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(reproduce, tmp_
 
     horizon = run_diagnostic(
         reproduce,
-        "adaptation_horizon.py",
+        "adaptation_horizon",
         cell.config,
         kept,
         *("--episodes", "4", "--multiples", "1", "5", "--power-iterations", "40"),
@@ -230,9 +230,9 @@ def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(reproduce, tmp_
         assert values[f"L_in after {steps[1]}"] < values[f"L_in after {steps[0]}"]
 
 
-def run_diagnostic(reproduce, script: str, config: Path, checkpoints: list[Path], *options: str) -> list[dict]:
-    """Run a checkpoint diagnostic of ``benchmarks/`` on a run's config and checkpoints; its table, one dict per row."""
-    command = [sys.executable, str(REPOSITORY / "benchmarks" / script), "--config", str(config)]
+def run_diagnostic(reproduce, name: str, config: Path, checkpoints: list[Path], *options: str) -> list[dict]:
+    """Run ``benchmarks.diagnostics.<name>`` on a run's config and checkpoints; its table, one dict per row."""
+    command = [sys.executable, "-m", f"benchmarks.diagnostics.{name}", "--config", str(config)]
     command += ["--checkpoints", *map(str, checkpoints), *options]
     text = subprocess.run(
         command, env=reproduce.worker_environment(), cwd=REPOSITORY, check=True, capture_output=True, text=True

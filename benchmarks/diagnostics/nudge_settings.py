@@ -1,4 +1,7 @@
-"""Contrastive's nudge settings on the quickstart problem: which nudge, how many nudged steps, which beta.
+"""Which nudge, how many nudged steps and which beta should ``Contrastive()`` default to, on the quickstart problem?
+
+Cost: one meta-training of 800 meta-steps and one meta-test of 600 episodes per setting, run one after the other on
+one thread (each prints its own meta-training CPU time).
 
 Meta-trains the quickstart's complex synapse (1-40-40-1 MLP, sinusoid 10-shot, 800 meta-steps of 5 tasks, 20 free
 steps at inner lr 0.005, Adam 3e-3, seed 0) once per setting given on the command line, each in this process in
@@ -6,7 +9,7 @@ turn on one thread, and prints one JSON line per setting: the meta-test MSE on t
 interval, the meta-training CPU time and the tasks skipped for inner-loop faults. The evidence behind
 ``Contrastive()``'s defaults (RESULTS.md, "Defaults").
 
-    python benchmarks/nudge_settings.py linear:10:0.03 full:10:0.03 linear:20:0.03 full:20:0.03
+    python -m benchmarks.diagnostics.nudge_settings linear:10:0.03 full:10:0.03 linear:20:0.03 full:20:0.03
 """
 
 from __future__ import annotations

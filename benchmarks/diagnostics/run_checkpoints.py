@@ -1,5 +1,8 @@
-"""What the checkpoint diagnostics (``estimate_drift.py``, ``adaptation_horizon.py``) share: a run's CLI config
-and checkpoints on the command line, each checkpoint loaded into the run's module in turn, and a markdown table."""
+"""What the checkpoint diagnostics (``estimate_drift``, ``adaptation_horizon``) share: a run's CLI config and
+checkpoints on the command line, each checkpoint loaded into the run's module in turn, and a markdown table.
+
+A helper, not a diagnostic: it answers no question of its own, and costs what building the run's module and loading
+each checkpoint cost (seconds)."""
 
 from __future__ import annotations
 

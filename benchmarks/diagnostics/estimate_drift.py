@@ -1,4 +1,7 @@
-"""How the contrastive estimate drifts from MAML's meta-gradient as meta-training moves (issue 17).
+"""Does the contrastive estimate drift away from MAML's meta-gradient as meta-training moves (issue 17)?
+
+Cost: per checkpoint, one meta-gradient of each of five estimators (MAML and four contrastive rules) on each of
+``--batches`` held training batches: about 25 s a batch on Omniglot 20-way Conv4-32, one thread.
 
 Users adapt with ``T`` inner steps at test time, so the objective they get is ``L_query(phi_T(theta))``, whose
 exact gradient is MAML's at ``T`` steps. The contrastive rule estimates the gradient of ``L_query(phi*(theta))``
@@ -15,15 +18,13 @@ reads the checkpoints of one meta-training run and, at each, on the same held tr
 - ``|omega|`` over the convolutions, which BatchNorm makes scale-free: a growing norm shrinks the effective
   inner learning rate of those weights, so the same ``T`` steps converge less.
 
-Cost per checkpoint: one meta-gradient of each estimator on each of ``--batches`` training batches (about 25 s a
-batch on Omniglot 20-way Conv4-32, one thread).
-
 Keep a run's checkpoints (the reproduction's ``--keep-checkpoints``, or a ``ModelCheckpoint`` with
 ``save_top_k=-1``), then::
 
-    python benchmarks/reproduce.py --only omniglot_20way_long --learners complex_synapse --estimators maml \\
+    python -m benchmarks.reproduce --only omniglot_20way_long --learners complex_synapse --estimators maml \\
         --keep-checkpoints --out runs/long
-    python benchmarks/estimate_drift.py --config configs/reproduce/omniglot_20way_long/complex_synapse__maml.yaml \\
+    python -m benchmarks.diagnostics.estimate_drift \\
+        --config configs/reproduce/omniglot_20way_long/complex_synapse__maml.yaml \\
         --checkpoints runs/long/omniglot_20way_long/complex_synapse__maml.step=*.ckpt \\
         --set=--data.root=../shared/data/omniglot
 """
@@ -36,15 +37,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
 from torch import Tensor
 
+from benchmarks.diagnostics.run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
 from lightning_contrastive import MAML, Contrastive
 from lightning_contrastive.callbacks._utils import flat_groups
 from lightning_contrastive.callbacks.estimator_agreement import agreement
+from lightning_contrastive.estimation import meta_gradient
 from lightning_contrastive.estimators import Estimator
 from lightning_contrastive.evaluation import adapt_tasks, frozen_meta
-from lightning_contrastive.meta_gradient import meta_gradient
 from lightning_contrastive.module import MetaLearningModule
 
 

@@ -1,5 +1,10 @@
-"""A diagnostic estimator for ``meta_step.py --sections agreement``: the linear nudge with its query gradient read
-along the path the free dynamics would take, instead of once at the free solution.
+"""Where do the linear and full nudges part: at the query gradient's movement along an unconverged free path, or at
+the kinks of ReLU and max-pooling? A diagnostic estimator for ``python -m benchmarks.meta_step --sections
+agreement``: the linear nudge with its query gradient read along the path the free dynamics would take, instead of
+once at the free solution.
+
+Cost: the linear nudge's, plus ``K`` support steps for the path and ``K`` query passes for its gradients, against
+the symmetric full nudge's ``2K`` query passes.
 
 The linear nudge descends ``L_in(phi) + beta <g(phi_0), phi - phi_0>`` from ``phi_0``; the full nudge descends
 ``L_in(phi) + beta L_query(phi)``. At small beta both nudged runs stay within O(beta) of the free dynamics continued
@@ -14,9 +19,7 @@ along the path. :class:`PathForcedNudge` descends ``L_in(phi) + beta <g(psi_t), 
   ``+beta`` and ``-beta`` runs, where ``g`` jumps.
 
 So the agreement section splits the linear nudge's disagreement with the full nudge into the moving query gradient
-(linear against path-forced) and the kinks (path-forced against full). Cost: the linear nudge's, plus ``K`` support
-steps for the path and ``K`` query passes for its gradients, against the symmetric full nudge's ``2K`` query passes.
-A diagnostic, not a training estimator.
+(linear against path-forced) and the kinks (path-forced against full). A diagnostic, not a training estimator.
 """
 
 from __future__ import annotations

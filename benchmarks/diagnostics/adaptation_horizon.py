@@ -1,4 +1,8 @@
-"""Whether a meta-learned start is good only for the number of adaptation steps it was trained with (issue 17).
+"""Is a meta-learned start good only for the number of adaptation steps it was trained with (issue 17)?
+
+Cost: per checkpoint, ``(sum of the multiples) x T`` inner steps and one query pass per episode and multiple, plus
+``--power-iterations`` Hessian-vector products per curvature task: about 6 min on Omniglot 20-way Conv4-32, one
+thread, 100 episodes and multiples 1, 3, 10.
 
 The contrastive rule estimates the meta-gradient of the query loss at the inner *solution*; MAML differentiates
 the ``T``-step adaptation users run. Where the rule's premise holds, adapting longer than ``T`` steps moves a
@@ -14,11 +18,7 @@ episodes:
   limit: heavy-ball SGD with learning rate ``eta`` and momentum ``mu`` diverges along a direction of curvature
   above ``2 (1 + mu) / eta`` on a quadratic.
 
-Cost per checkpoint: ``(sum of the multiples) x T`` inner steps and one query pass per episode and multiple, plus
-``--power-iterations`` Hessian-vector products per curvature task (on Omniglot 20-way Conv4-32, one thread,
-100 episodes and multiples 1, 3, 10: about 6 min).
-
-    python benchmarks/adaptation_horizon.py \\
+    python -m benchmarks.diagnostics.adaptation_horizon \\
         --config configs/reproduce/omniglot_20way_long/complex_synapse__contrastive_linear.yaml \\
         --checkpoints runs/long/omniglot_20way_long/complex_synapse__contrastive_linear.step=*.ckpt \\
         --set=--data.root=../shared/data/omniglot
@@ -30,9 +30,9 @@ import argparse
 from collections.abc import Callable, Sequence
 
 import torch
-from run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
 from torch import Tensor
 
+from benchmarks.diagnostics.run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
 from lightning_contrastive.evaluation import frozen_meta, query_metrics
 from lightning_contrastive.inner import minimise
 from lightning_contrastive.module import MetaLearningModule

@@ -3,7 +3,8 @@
 The package's docstrings are Google style with Sphinx roles (``:class:`~lightning_contrastive.Contrastive```,
 ``:func:`estimate```, ``:meth:`adapt```), which mkdocstrings-python does not read. Before the docstrings are parsed,
 this extension rewrites each role into a cross-reference that mkdocs-autorefs resolves, and turns reST's ``::``
-literal-block marker into a colon (the indented block after it is already a Markdown code block):
+literal-block marker into a colon (the indented block after it is already a Markdown code block, so the double
+backticks of an indented equation line go too):
 
 - a fully qualified target (``lightning_contrastive.…``) becomes a required reference, ``[`Contrastive`][path]``:
   a target missing from the API reference fails ``mkdocs build --strict``, as a broken link should;
@@ -27,6 +28,9 @@ ROLE = re.compile(
     r":(?:py:)?(?:class|func|meth|mod|attr|obj|data|exc|const):`(?P<tilde>~?)(?P<target>[\w.]+)(?:\(\))?`"
 )
 LITERAL_BLOCK = re.compile(r"(?<=\S)::$", re.MULTILINE)
+# An indented line after a blank one that opens with an inline literal is reST's block-quoted equation; Markdown
+# shows it as a code block already, where the ``...`` would be printed, so its double backticks go.
+QUOTED_LITERAL = re.compile(r"(?<=\n\n)(?P<indent> {4,})(?P<line>``.*)$", re.MULTILINE)
 ESCAPED_SPACE = re.compile(r"(?<=`)\\ ")  # reST's ``nn.Parameter``\ s: the code span and the plural's s, joined
 
 
@@ -76,6 +80,7 @@ def rewrite(text: str, obj: griffe.Object | griffe.Alias, package: griffe.Module
                 return f'<autoref identifier="{canonical(found)}" optional>{code}</autoref>'
         return f"`{title}`"
 
+    text = QUOTED_LITERAL.sub(lambda m: m["indent"] + m["line"].replace("``", ""), text)
     return ESCAPED_SPACE.sub("", LITERAL_BLOCK.sub(":", ROLE.sub(replace, text)))
 
 

@@ -1,5 +1,12 @@
 """Whether a checkpoint fits a :class:`~lightning_contrastive.MetaLearningModule`, checked before its weights load.
 
+What a checkpoint holds: under ``LightningCLI`` the module's saved hyperparameters are the parsed configuration
+(``class_path``/``init_args`` of learner, estimator, optimizer and scheduler), so
+``MetaLearningModule.load_from_checkpoint(path)`` rebuilds the module by itself. Objects built in Python (modules,
+estimator instances, optimizer callables, which may be lambdas) are not stored in the checkpoint; pass them again:
+``load_from_checkpoint(path, learner=..., estimator=...)``. A checkpoint that does not fit the module is refused
+before loading, naming every key that differs (:func:`check_checkpoint_fits`).
+
 Lightning-free: the module calls :func:`check_checkpoint_fits` from its ``on_load_checkpoint`` hook.
 """
 

@@ -113,6 +113,26 @@ def choose_batched(learner: Learner, estimator: Estimator, num_tasks: int) -> bo
 FaultPolicy = Literal["stop", "skip"]
 
 
+def check_estimation(learner: Learner, estimator: Estimator, batched: bool | None = None) -> None:
+    """Raise ``ValueError`` unless ``estimator`` can estimate ``learner``'s meta-gradient as ``batched`` asks.
+
+    Refused: objects that are not a lightning_contrastive ``Learner`` and ``Estimator``, an estimator undefined for
+    the learner (:meth:`Estimator.check_learner`, e.g. Reptile with learned strengths), and ``batched=True`` with an
+    estimator that cannot be vmapped.
+    """
+    if not isinstance(learner, Learner):
+        raise ValueError(f"learner must be a lightning_contrastive Learner; got {type(learner).__name__}.")
+    if not isinstance(estimator, Estimator):
+        raise ValueError(f"estimator must be a lightning_contrastive Estimator; got {type(estimator).__name__}.")
+    estimator.check_learner(learner)
+    if batched and not estimator.batchable:
+        raise ValueError(
+            f"{type(estimator).__name__} cannot run batched: its per-task work is not marked safe for "
+            "torch.func.vmap (Estimator.batchable is False). Pass batched=False, or batched=None to let the library "
+            "choose."
+        )
+
+
 def estimate(
     learner: Learner,
     estimator: Estimator,
@@ -134,20 +154,15 @@ def estimate(
     ``on_fault="stop"`` raises :class:`~lightning_contrastive.faults.InnerLoopError` naming each failed task and
     phase; ``"skip"`` leaves those tasks out of the mean and lists them in ``MetaEstimate.skipped``.
 
-    Raises ``ValueError`` for a malformed batch, targets that do not suit the learner's loss, an estimator that
-    is undefined for the learner, or ``batched=True`` with an estimator that cannot be vmapped.
+    Raises ``ValueError`` for a malformed batch, targets that do not suit the learner's loss, or what
+    :func:`check_estimation` refuses.
     """
     if on_fault not in ("stop", "skip"):
         raise ValueError(f'on_fault must be "stop" or "skip"; got {on_fault!r}.')
     tasks = split_batch(batch)
-    estimator.check_learner(learner)
+    check_estimation(learner, estimator, batched)
     if batched is None:
         batched = choose_batched(learner, estimator, len(tasks))
-    elif batched and not estimator.batchable:
-        raise ValueError(
-            f"{type(estimator).__name__} cannot run batched: its per-task work is not marked safe for "
-            "torch.func.vmap (Estimator.batchable is False). Pass batched=False or batched=None."
-        )
     dtype = compute_dtype(learner, estimator)
     live = learner.meta_parameters()
     device_type = next(iter(live.values())).device.type

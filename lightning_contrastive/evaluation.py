@@ -11,14 +11,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning_utilities import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 
-from lightning_contrastive.estimation import cast_task, compute_dtype, ieee_float32
+from lightning_contrastive.estimation import MetaEstimate, cast_task, compute_dtype, ieee_float32
 from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Task, split_batch
@@ -108,6 +108,20 @@ def print_results(title: str, summaries: Mapping[str, MetricSummary]) -> None:
     print(f"\n{title}\n{results_table(summaries)}\n")
 
 
+def print_evaluation_run(trainer: Any, stage: Literal["val", "test"], summaries: Mapping[str, MetricSummary]) -> None:
+    """At the end of a ``validate`` or ``test`` run of ``trainer`` (not of the validations inside ``fit``) that was
+    asked to be verbose, print ``summaries`` as a table with the number of episodes, on rank zero.
+
+    Lightning's own table (no CI, no episodes) would follow; it is turned off for this run (every run resets it).
+    Duck-typed on the Trainer of either Lightning package: ``trainer.state.fn`` is a ``str`` enum.
+    """
+    loop = trainer.validate_loop if stage == "val" else trainer.test_loop
+    if trainer.state.fn == ("validate" if stage == "val" else "test") and loop.verbose:
+        title = "Meta-validation" if stage == "val" else "Meta-test"
+        print_results(f"{title} results, mean and 95% CI over the episodes:", summaries)
+        loop.verbose = False
+
+
 def gather_episodes(values: Tensor, gather: Callable[[Tensor], Tensor]) -> Tensor:
     """Every process's 1-d per-episode ``values``, concatenated in rank order.
 
@@ -182,3 +196,33 @@ def query_metrics(
     if classification:
         metrics["accuracy"] = torch.stack(accuracies)
     return metrics
+
+
+def episode_metrics(learner: Learner, estimator: Estimator, batch: Any) -> dict[str, Tensor]:
+    """:func:`query_metrics` of every task of ``batch`` after :func:`adapt_tasks`: one evaluation step."""
+    return query_metrics(learner, estimator, *adapt_tasks(learner, estimator, batch))
+
+
+def predict_queries(learner: Learner, estimator: Estimator, batch: Any) -> Tensor:
+    """Adapt to each task's support set and predict its query inputs: ``(tasks, query examples, outputs)``.
+
+    The query targets are not used (any placeholder of the right shape will do).
+    """
+    tasks, adapted = adapt_tasks(learner, estimator, batch)
+    meta = frozen_meta(learner, estimator)
+    with torch.no_grad(), torch.autocast(next(iter(meta.values())).device.type, enabled=False):
+        return torch.stack(
+            [learner.predict(fast, meta, task.query.x) for task, fast in zip(tasks, adapted, strict=True)]
+        )
+
+
+def training_metrics(learner: Learner, estimator: Estimator, result: MetaEstimate) -> dict[str, Tensor]:
+    """The means over a training batch's kept tasks (``result.tasks``, at least one) of the query loss after adaptation
+    (``train/query_loss``, and ``train/accuracy`` for classification) and of each inner phase's final objective
+    (``inner/free``, ``inner/nudged_pos``, ...), from what the estimate computed: no task is adapted again."""
+    per_episode = query_metrics(learner, estimator, result.inputs, [task.adapted for task in result.tasks])
+    inner_losses = {
+        f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
+        for phase in result.tasks[0].inner_losses
+    }
+    return {**{f"train/{name}": values.mean() for name, values in per_episode.items()}, **inner_losses}

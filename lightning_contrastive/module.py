@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from pytorch_lightning.core.optimizer import LightningOptimizer
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
@@ -23,20 +20,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_contrastive.checkpoints import check_checkpoint_fits
-from lightning_contrastive.estimation import FaultPolicy, estimate
+from lightning_contrastive.estimation import FaultPolicy, check_estimation, estimate
 from lightning_contrastive.estimation import meta_gradient as estimated_meta_gradient
 from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.evaluation import (
     EpisodeMetrics,
-    adapt_tasks,
     autograd_enabled,
-    frozen_meta,
+    episode_metrics,
     plain_tensors,
-    print_results,
-    query_metrics,
+    predict_queries,
+    print_evaluation_run,
+    training_metrics,
 )
+from lightning_contrastive.export import adapted_network, export_learned
 from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
+from lightning_contrastive.runtime import CpuThreads, ThreadPolicy, seeded_by_position
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,9 @@ class MetaLearningModule(pl.LightningModule):
     **Lightning packages.** This class is built on ``pytorch_lightning``; the same class on the unified ``lightning``
     package is ``lightning_contrastive.lightning.MetaLearningModule`` (:mod:`lightning_contrastive.compat.flavours`).
 
-    **Checkpoints.** Under ``LightningCLI`` the hyperparameters saved are the parsed configuration
-    (``class_path``/``init_args`` of learner, estimator, optimizer and scheduler), so
-    ``MetaLearningModule.load_from_checkpoint(path)`` rebuilds the module by itself. Objects built in
-    Python (modules, estimator instances, optimizer callables, which may be lambdas) are not stored in the
-    checkpoint; pass them again: ``load_from_checkpoint(path, learner=..., estimator=...)``. A checkpoint that does
-    not fit the module is refused before loading (:mod:`lightning_contrastive.checkpoints`).
+    **Checkpoints.** ``MetaLearningModule.load_from_checkpoint(path)`` rebuilds a module trained under ``LightningCLI``
+    by itself; one built in Python needs its objects again (``load_from_checkpoint(path, learner=..., estimator=...)``);
+    one that does not fit is refused before loading: :mod:`lightning_contrastive.checkpoints`.
 
     Args:
         learner: what is meta-learned, e.g. :class:`~lightning_contrastive.ComplexSynapse`.
@@ -103,11 +99,8 @@ class MetaLearningModule(pl.LightningModule):
             picks for the learner, the estimator and the device (vmapped, except convolutions on the CPU).
         cpu_threads: torch's intra-op threads while a Trainer runs this module on the CPU (``fit``, ``validate``,
             ``test``, ``predict``); the previous setting is restored when it ends. ``"auto"`` (default): one thread,
-            unless ``OMP_NUM_THREADS`` is set in the environment, which then decides; an integer: that many;
-            ``None``: torch's setting, untouched. Why one: the inner loops are long chains of small operations,
-            which extra threads slow down on a loaded CPU: on 2 busy cores a sinusoid MLP meta-step took 2.1-2.3 s
-            with torch's default (2 threads) against 0.16-0.29 s with one, a 32-channel Conv4 step 1.7-11 s against
-            0.4-0.9 s (README, "Threads").
+            unless ``OMP_NUM_THREADS`` is set; an integer: that many; ``None``: torch's setting, untouched. Why one,
+            measured: :class:`~lightning_contrastive.runtime.ThreadPolicy`.
     """
 
     def __init__(
@@ -119,25 +112,14 @@ class MetaLearningModule(pl.LightningModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         on_inner_fault: FaultPolicy = "stop",
         batched: bool | None = None,
-        cpu_threads: int | Literal["auto"] | None = "auto",
+        cpu_threads: CpuThreads = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(learner, Learner):
-            raise ValueError(f"learner must be a lightning_contrastive Learner; got {type(learner).__name__}.")
-        if not isinstance(estimator, Estimator):
-            raise ValueError(f"estimator must be a lightning_contrastive Estimator; got {type(estimator).__name__}.")
-        estimator.check_learner(learner)  # e.g. Reptile with learned strengths: fail now, not at the first batch
+        check_estimation(learner, estimator, batched)  # fail now, not at the first batch
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(f'lr_scheduler_interval must be "step" or "epoch"; got {lr_scheduler_interval!r}.')
         if on_inner_fault not in ("stop", "skip"):
             raise ValueError(f'on_inner_fault must be "stop" or "skip"; got {on_inner_fault!r}.')
-        if not (cpu_threads in ("auto", None) or (type(cpu_threads) is int and cpu_threads >= 1)):
-            raise ValueError(f'cpu_threads must be "auto", None or an integer >= 1; got {cpu_threads!r}.')
-        if batched and not estimator.batchable:
-            raise ValueError(
-                f"batched=True, but {type(estimator).__name__} cannot run under torch.func.vmap "
-                "(Estimator.batchable is False). Leave batched=None to let the library choose."
-            )
         self.save_hyperparameters(
             ignore=[] if _built_by_lightning_cli() else ["learner", "estimator", "optimizer", "lr_scheduler"]
         )
@@ -149,7 +131,7 @@ class MetaLearningModule(pl.LightningModule):
         self.on_inner_fault = on_inner_fault
         self.batched = batched
         self.cpu_threads = cpu_threads
-        self._threads_before: int | None = None
+        self._threads = ThreadPolicy(cpu_threads)  # checks it
         self.skipped_tasks_total = 0
         self.classification = learner.loss_name == "cross_entropy"
         self.val_episodes = EpisodeMetrics()
@@ -166,21 +148,9 @@ class MetaLearningModule(pl.LightningModule):
             return estimated_meta_gradient(self.learner, self.estimator, plain_tensors(batch))
 
     def adapt(self, x_support: Tensor, y_support: Tensor) -> nn.Module:
-        """Adapt to one task's support set; returns a plain ``nn.Module`` carrying the task's adapted weights.
-
-        ``x_support`` is ``(examples, *features)`` and ``y_support`` ``(examples,)`` class labels or
-        ``(examples, out_dim)`` targets, without a task dimension. The module computes
-        ``learner.predict(phi*, theta, x)`` with ``phi* = estimator.adapt(...)`` and is independent of this
-        module (later meta-updates do not change it). Works under ``torch.no_grad`` and ``inference_mode``.
-        """
-        if x_support.dim() < 2 or y_support.dim() < 1:
-            raise ValueError(
-                f"adapt takes one task's support set, x (examples, *features) and y (examples[, out_dim]); got "
-                f"x {tuple(x_support.shape)} and y {tuple(y_support.shape)}."
-            )
-        support = (x_support.unsqueeze(0), y_support.unsqueeze(0))
-        _, (fast,) = adapt_tasks(self.learner, self.estimator, {"train": support, "test": support})  # query unused
-        return self.learner.as_module(fast)
+        """Adapt to one task's support set; returns a plain ``nn.Module`` carrying the task's adapted weights,
+        independent of this module: :func:`~lightning_contrastive.export.adapted_network` (shapes, guarantees)."""
+        return adapted_network(self.learner, self.estimator, x_support, y_support)
 
     def forward(self, x_support: Tensor, y_support: Tensor, x_query: Tensor) -> Tensor:
         """Adapt to one task's support set and predict its query inputs: ``module(x_s, y_s, x_q)``.
@@ -201,39 +171,20 @@ class MetaLearningModule(pl.LightningModule):
         return self.learner.meta_learned_network()
 
     def export(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write what was learned as plain PyTorch files into ``directory`` (created if needed); returns their paths.
-
-        - ``network.pt``: ``meta_learned_network().state_dict()``, to load into a fresh instance of the user's
-          network class (``net.load_state_dict(torch.load(path, weights_only=True))``);
-        - ``meta_parameters.pt``: every meta-parameter by name, ``{name: tensor}`` as in
-          ``learner.named_meta_parameters()`` (e.g. ``omega.*`` and ``lambda.*`` log-strengths, or ``primary.*``,
-          ``init.*``), for what the network cannot hold.
-
-        Both are plain ``dict[str, Tensor]`` on the CPU, loadable with ``torch.load(..., weights_only=True)``
-        without this library. A task's adapted network is :meth:`adapt` (save its ``state_dict()`` likewise).
-        """
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = {"network": folder / "network.pt", "meta_parameters": folder / "meta_parameters.pt"}
-        network = {name: t.detach().cpu() for name, t in self.meta_learned_network().state_dict().items()}
-        torch.save(network, paths["network"])
-        meta = {name: p.detach().cpu().clone() for name, p in self.learner.named_meta_parameters()}
-        torch.save(meta, paths["meta_parameters"])
-        return paths
+        """Write what was learned as plain PyTorch files into ``directory``, ``network.pt`` (the
+        :meth:`meta_learned_network`'s ``state_dict()``) and ``meta_parameters.pt``, loadable without this library;
+        returns their paths: :func:`~lightning_contrastive.export.export_learned`."""
+        return export_learned(self.learner, directory)
 
     # ---------------------------------------------------------------- threads
     def setup(self, stage: str) -> None:
         """Apply the ``cpu_threads`` policy for this run (on the CPU only)."""
-        threads = 1 if self.cpu_threads == "auto" and "OMP_NUM_THREADS" not in os.environ else self.cpu_threads
-        if isinstance(threads, int) and self.trainer.strategy.root_device.type == "cpu":
-            self._threads_before = torch.get_num_threads()
-            torch.set_num_threads(threads)
+        if self.trainer.strategy.root_device.type == "cpu":
+            self._threads.apply()
 
     def teardown(self, stage: str) -> None:
         """Give torch back the thread count it had before :meth:`setup`."""
-        if self._threads_before is not None:
-            torch.set_num_threads(self._threads_before)
-            self._threads_before = None
+        self._threads.restore()
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
@@ -243,21 +194,15 @@ class MetaLearningModule(pl.LightningModule):
         ``train/accuracy``) and of each inner phase's final objective (``inner/free``, ``inner/nudged_pos``, ...).
         Returns ``None`` (no optimizer step) when every task failed under ``on_inner_fault="skip"`` on one process.
         """
-        with _seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):
+        with seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):
             result = estimate(self.learner, self.estimator, batch, batched=self.batched, on_fault=self.on_inner_fault)
         if self.on_inner_fault == "skip":
             self._count_skipped(result.skipped)
         if not result.tasks:
             return result.surrogate if self.trainer.world_size > 1 else None
-        tasks = result.inputs
-        per_episode = query_metrics(self.learner, self.estimator, tasks, [task.adapted for task in result.tasks])
-        inner_losses = {
-            f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
-            for phase in result.tasks[0].inner_losses
-        }
-        self.log("train/query_loss", per_episode.pop("query_loss").mean(), prog_bar=True, batch_size=len(tasks))
-        self.log_dict({f"train/{name}": values.mean() for name, values in per_episode.items()}, batch_size=len(tasks))
-        self.log_dict(inner_losses, batch_size=len(tasks))
+        metrics = training_metrics(self.learner, self.estimator, result)
+        self.log("train/query_loss", metrics.pop("train/query_loss"), prog_bar=True, batch_size=len(result.tasks))
+        self.log_dict(metrics, batch_size=len(result.tasks))
         return result.surrogate
 
     def _count_skipped(self, skipped: list[InnerFault]) -> None:
@@ -327,9 +272,7 @@ class MetaLearningModule(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """Adapt to each task's support set and record its query loss (and accuracy) per episode."""
-        self.val_episodes.update(
-            **query_metrics(self.learner, self.estimator, *adapt_tasks(self.learner, self.estimator, batch))
-        )
+        self.val_episodes.update(**episode_metrics(self.learner, self.estimator, batch))
 
     def on_validation_epoch_end(self) -> None:
         self._log_summary("val", self.val_episodes)
@@ -339,42 +282,25 @@ class MetaLearningModule(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """As :meth:`validation_step`, for the test episodes."""
-        self.test_episodes.update(
-            **query_metrics(self.learner, self.estimator, *adapt_tasks(self.learner, self.estimator, batch))
-        )
+        self.test_episodes.update(**episode_metrics(self.learner, self.estimator, batch))
 
     def on_test_epoch_end(self) -> None:
         self._log_summary("test", self.test_episodes)
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """Adapt to each task's support set and predict its query inputs: ``(tasks, query examples, outputs)``.
-
-        The query targets are not used (any placeholder of the right shape will do).
-        """
-        tasks, adapted = adapt_tasks(self.learner, self.estimator, batch)
-        meta = frozen_meta(self.learner, self.estimator)
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            return torch.stack(
-                [self.learner.predict(fast, meta, task.query.x) for task, fast in zip(tasks, adapted, strict=True)]
-            )
+        """Adapt to each task's support set and predict its query inputs: ``(tasks, query examples, outputs)``
+        (:func:`~lightning_contrastive.evaluation.predict_queries`; the query targets are not used)."""
+        return predict_queries(self.learner, self.estimator, batch)
 
     # ---------------------------------------------------------------- helpers
     def _log_summary(self, stage: Literal["val", "test"], episodes: EpisodeMetrics) -> None:
-        """Log mean and 95% CI of every per-episode metric, over all ranks' episodes.
-
-        At the end of a ``validate`` or ``test`` run (not of the validations inside ``fit``) that was asked to be
-        verbose, also print them as a table with the number of episodes, on rank zero.
-        """
+        """Log mean and 95% CI of every per-episode metric, over all ranks' episodes, and at the end of a verbose
+        ``validate`` or ``test`` run print them (:func:`~lightning_contrastive.evaluation.print_evaluation_run`)."""
         summaries = {f"{stage}/{name}": summary for name, summary in episodes.summary(gather=self.all_gather).items()}
         for name, summary in summaries.items():
             self.log(name, summary.mean, prog_bar=name == f"{stage}/query_loss")
             self.log(f"{name}_ci95", summary.ci95)
-        evaluation_run = TrainerFn.VALIDATING if stage == "val" else TrainerFn.TESTING
-        loop = self.trainer.validate_loop if stage == "val" else self.trainer.test_loop
-        if self.trainer.state.fn == evaluation_run and loop.verbose:
-            title = "Meta-validation" if stage == "val" else "Meta-test"
-            print_results(f"{title} results, mean and 95% CI over the episodes:", summaries)
-            loop.verbose = False  # Lightning's own table (no CI, no episodes) would follow; every run resets it
+        print_evaluation_run(self.trainer, stage, summaries)
 
 
 def _built_by_lightning_cli() -> bool:
@@ -383,18 +309,3 @@ def _built_by_lightning_cli() -> bool:
     Lightning exposes this only through a context variable, read here rather than guessed from the arguments.
     """
     return _given_hyperparameters.get() is not None
-
-
-@contextmanager
-def _seeded_by_position(epoch: int, batch_idx: int, rank: int, device: torch.device) -> Iterator[None]:
-    """Inside, torch's global generator is seeded from ``(seed, epoch, batch_idx, rank)``; after, it is restored.
-
-    An estimator's random draws (``Contrastive(query_subsample=...)``, dropout in a backbone) then depend on the
-    training position alone: a run resumed from a checkpoint repeats them exactly with no generator state in the
-    checkpoint, and DDP processes draw differently. ``seed`` is ``seed_everything``'s (``PL_GLOBAL_SEED``).
-    """
-    entropy = [int(os.environ.get("PL_GLOBAL_SEED", 0)), epoch, batch_idx, rank]
-    seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-        torch.manual_seed(seed)
-        yield

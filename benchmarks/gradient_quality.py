@@ -64,6 +64,7 @@ WIDTH = 16
 INIT_LAMBDA = 3.0
 INNER_LR = 0.1
 INNER_MOMENTUM = 0.7
+INNER_SGD = {"inner_lr": INNER_LR, "inner_momentum": INNER_MOMENTUM}  # every estimator's inner optimizer
 CONVERGED_STEPS = 250  # free and nudged steps per phase in the beta sweep: the residual is at float64 round-off
 T_SWEEP_BETA = 0.01
 CG_STEPS = 50
@@ -270,8 +271,7 @@ def beta_sweep(
                 nudge=nudge,
                 inner_steps=CONVERGED_STEPS,
                 nudged_steps=CONVERGED_STEPS,
-                inner_lr=INNER_LR,
-                inner_momentum=INNER_MOMENTUM,
+                **INNER_SGD,
             )
             rows.append(compare(meta_gradient(learner, estimator, batch), exact))
         sweep[rule] = rows
@@ -281,17 +281,16 @@ def beta_sweep(
 
 def step_estimators(steps: int) -> dict[str, Estimator]:
     """Every estimator at ``steps`` inner steps, with the benchmark's inner SGD."""
-    sgd = {"inner_lr": INNER_LR, "inner_momentum": INNER_MOMENTUM}
-    contrastive = {"beta": T_SWEEP_BETA, "inner_steps": steps, "nudged_steps": steps, **sgd}
+    contrastive = {"beta": T_SWEEP_BETA, "inner_steps": steps, "nudged_steps": steps, **INNER_SGD}
     return {
         **{
             f"contrastive_{rule}": Contrastive(symmetric=symmetric, nudge=nudge, **contrastive)
             for rule, (symmetric, nudge) in CONTRASTIVE_RULES.items()
         },
-        "maml": MAML(inner_steps=steps, **sgd),
-        "first_order_maml": FirstOrderMAML(inner_steps=steps, **sgd),
-        "implicit": Implicit(inner_steps=steps, cg_steps=CG_STEPS, **sgd),
-        "reptile": Reptile(inner_steps=steps, **sgd),
+        "maml": MAML(inner_steps=steps, **INNER_SGD),
+        "first_order_maml": FirstOrderMAML(inner_steps=steps, **INNER_SGD),
+        "implicit": Implicit(inner_steps=steps, cg_steps=CG_STEPS, **INNER_SGD),
+        "reptile": Reptile(inner_steps=steps, **INNER_SGD),
     }
 
 

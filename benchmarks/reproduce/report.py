@@ -26,6 +26,44 @@ from benchmarks.reproduce.tables import (
 )
 from benchmarks.reproduce.variants import variants_section
 
+SECTIONS = {
+    "steps": (
+        "Equal meta-steps",
+        "Budgets (per suite, every estimator; `Reptile` uses the same Adam outer optimizer on its `theta - phi_T` "
+        "meta-gradient):",
+        "accuracy and MSE per estimator, failed cells left out",
+        "Where each contrastive rule stands against every other estimator: ahead or behind when the 95% intervals do "
+        "not overlap, level when they do; in brackets the difference in accuracy points (Omniglot) or MSE (sinusoid; "
+        "positive: the contrastive rule is better).",
+    ),
+    "time": (
+        "Equal training time",
+        "Every estimator meta-trains for the same training time per cell, measured as the process's CPU time (one "
+        "torch thread; evaluations excluded): the wall-clock it would take on a core of its own, which other work on "
+        "the shared cores does not change. The meta-test metric is evaluated on the same fixed episodes at the start, "
+        "at every fifth of the budget and at the end. Budgets:",
+        "meta-test metric against meta-training time, per suite and learner",
+        "Where each contrastive rule stands at the end of the budget (as above):",
+    ),
+    "long": (
+        "Longer meta-training",
+        "Learning curves on the fixed meta-test episodes, a point every 50 meta-steps. Budgets:",
+        "meta-test metric against meta-steps, per suite and learner",
+        None,
+    ),
+}
+"""Each suite group's section, in report order: its heading, the text before its budgets, its figure's caption, and
+the text before its standings (``None``: none)."""
+
+
+def group_figure(group: str, results: dict[str, list[dict[str, Any]]], figure_path: Path) -> Path:
+    """A suite group's figure: the final metrics (``steps``, at ``figure_path``), or the learning curves against
+    training time (``time``, ``<stem>_equal_time.png``) or meta-steps (``long``, ``<stem>_curves.png``)."""
+    if group == "steps":
+        return figure(results, figure_path)
+    suffix = "_equal_time" if group == "time" else "_curves"
+    return curve_figure(results, figure_path.with_name(f"{figure_path.stem}{suffix}.png"), by_time=group == "time")
+
 
 def gradient_quality_section(out: Path) -> str:
     """The gradient-quality section: :func:`benchmarks.gradient_quality.report` of the stage's JSON, if it ran."""
@@ -97,63 +135,22 @@ def report(
     ]
     if findings is not None and findings.exists():
         lines += ["", findings.read_text().strip()]
-    if by_group["steps"]:
-        lines += [
-            "",
-            "## Equal meta-steps",
-            "",
-            "Budgets (per suite, every estimator; `Reptile` uses the same Adam outer optimizer on its "
-            "`theta - phi_T` meta-gradient):",
-            *budget_lines(suites, by_group["steps"]),
-            "",
-            image(figure(by_group["steps"], figure_path), "accuracy and MSE per estimator, failed cells left out"),
-            "",
-            "Where each contrastive rule stands against every other estimator: ahead or behind when the 95% "
-            "intervals do not overlap, level when they do; in brackets the difference in accuracy points (Omniglot) "
-            "or MSE (sinusoid; positive: the contrastive rule is better).",
-            *standings(by_group["steps"]),
-        ]
-        for name, rows in by_group["steps"].items():
-            lines += ["", f"### {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
-    if by_group["time"]:
-        curves = curve_figure(by_group["time"], figure_path.with_name(f"{figure_path.stem}_equal_time.png"), True)
-        lines += [
-            "",
-            "## Equal training time",
-            "",
-            "Every estimator meta-trains for the same training time per cell, measured as the process's CPU time "
-            "(one torch thread; evaluations excluded): the wall-clock it would take on a core of its own, which other "
-            "work on the shared cores does not change. The meta-test metric is evaluated on the same fixed episodes "
-            "at the start, at every fifth of the budget and at the end. Budgets:",
-            *budget_lines(suites, by_group["time"]),
-            "",
-            image(curves, "meta-test metric against meta-training time, per suite and learner"),
-            "",
-            "Where each contrastive rule stands at the end of the budget (as above):",
-            *standings(by_group["time"]),
-        ]
-        for name, rows in by_group["time"].items():
-            lines += ["", f"### {SUITES[name].title}", "", suite_table(SUITES[name], rows)]
-    if by_group["long"]:
-        curves = curve_figure(by_group["long"], figure_path.with_name(f"{figure_path.stem}_curves.png"), False)
-        lines += [
-            "",
-            "## Longer meta-training",
-            "",
-            "Learning curves on the fixed meta-test episodes, a point every 50 meta-steps. Budgets:",
-            *budget_lines(suites, by_group["long"]),
-            "",
-            image(curves, "meta-test metric against meta-steps, per suite and learner"),
-        ]
-        for name, rows in by_group["long"].items():
-            lines += [
-                "",
-                f"### {SUITES[name].title}",
-                "",
-                curve_table(rows, ["learner", "estimator"], cell_label),
-                "",
-                suite_table(SUITES[name], rows),
-            ]
+
+    def section(group: str, heading: str, intro: str, picture: str, standing: str | None) -> list[str]:
+        """One suite group's section: its budgets and figure, where the contrastive rules stand (``standing``
+        introduces them), and a table per suite, after the suite's learning curves in the ``long`` group."""
+        results_of = by_group[group]
+        text = ["", f"## {heading}", "", intro, *budget_lines(suites, results_of), "", picture]
+        text += ["", standing, *standings(results_of)] if standing is not None else []
+        for name, rows in results_of.items():
+            curves = ["", curve_table(rows, ["learner", "estimator"], cell_label)] if group == "long" else []
+            text += ["", f"### {SUITES[name].title}", *curves, "", suite_table(SUITES[name], rows)]
+        return text
+
+    for group, (heading, intro, caption, standing) in SECTIONS.items():
+        if by_group[group]:
+            picture = image(group_figure(group, by_group[group], figure_path), caption)
+            lines += section(group, heading, intro, picture, standing)
     variant_results: list[dict[str, Any]] = []
     if variants:
         table, variant_results = variants_section(variants)

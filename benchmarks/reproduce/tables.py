@@ -13,7 +13,16 @@ from typing import Any
 
 from benchmarks import REPOSITORY
 from benchmarks.reproduce.cell import judge
-from benchmarks.reproduce.suites import DEFAULT_CONTRASTIVE, ESTIMATORS, LEARNERS, SUITES, Cell, Suite, all_cells
+from benchmarks.reproduce.suites import (
+    DEFAULT_CONTRASTIVE,
+    EQUAL_TIME_ESTIMATORS,
+    ESTIMATORS,
+    LEARNERS,
+    SUITES,
+    Cell,
+    Suite,
+    all_cells,
+)
 
 
 def load_results(out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -62,16 +71,9 @@ def best_point(result: dict[str, Any], suite: Suite) -> str:
     return f"{metric_text(best['metrics'], suite)} @ {best['meta_step']}"
 
 
-OTHERS = (
-    "maml",
-    "implicit",
-    "fomaml",
-    "reptile_lambda_fixed",
-    "contrastive_symmetric",
-    "contrastive_linear",
-    "contrastive_one_sided",
-)
-"""The estimators a contrastive rule is compared with in the standing tables (less itself, and those not run)."""
+OTHERS = (*EQUAL_TIME_ESTIMATORS, "contrastive_one_sided")
+"""The estimators a contrastive rule is compared with in the standing tables (less itself, and those not run): the
+equal-time group's, and the one-sided rule."""
 
 
 def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = DEFAULT_CONTRASTIVE) -> str:

@@ -215,8 +215,8 @@ def portable_path(path: Path | str) -> str:
 
 def portable_command(command: str) -> str:
     """A recorded command as it runs today from the repository root: every absolute path in it (a word, or the value
-    of a ``--key=value`` word) by :func:`portable_path`, and the reproduction's script, which runs recorded before it
-    became a package name as ``python benchmarks/reproduce.py``, as ``python -m benchmarks.reproduce``."""
+    of a ``--key=value`` word) by :func:`portable_path`, and the script form that runs recorded before the
+    reproduction became a package (``python benchmarks/reproduce.py``) as ``python -m benchmarks.reproduce``."""
     words = shlex.split(command)
     if len(words) > 1 and words[0].startswith("python") and words[1] == "benchmarks/reproduce.py":
         words[:2] = ["python", "-m", "benchmarks.reproduce"]

@@ -16,6 +16,7 @@ pair ``(epoch, tasks done)`` that a checkpoint can restore.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -328,6 +329,11 @@ class MetaBatchDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self._resume_at: tuple[int, int] | None = None
 
+    def __repr__(self) -> str:
+        """``ClassName(setting=value, ...)``: the constructor's arguments, as its ``save_hyperparameters()`` saved
+        them (:func:`settings_repr`)."""
+        return settings_repr(self, self.hparams)
+
     def train_loader(
         self,
         tasks: Dataset[Episode],
@@ -483,6 +489,17 @@ class EpisodicDataModule(MetaBatchDataModule):
         self._tasks: dict[str, ClassificationTasks] = {}
         self._split_labels: dict[str, list[int]] = {}
 
+    def __repr__(self) -> str:
+        """``EpisodicDataModule(data=..., class_splits=..., ways=..., ...)`` with the settings in effect (``eval_seed``
+        and ``eval_batch_size`` resolved), or, for a subclass that saved its constructor's arguments with
+        ``save_hyperparameters()``, those."""
+        if self.hparams:
+            return super().__repr__()
+        settings: dict[str, Any] = {"data": self._data, "class_splits": self._class_splits}
+        for name in list(inspect.signature(EpisodicDataModule).parameters)[2:]:  # held under their own names
+            settings[name] = getattr(self, name)
+        return settings_repr(self, settings)
+
     def load_data(self) -> tuple[LabelledData, Mapping[str, Sequence[int]]]:
         """The labelled data and its class split; runs once, in :meth:`setup`. Subclasses read files here."""
         assert self._data is not None and self._class_splits is not None  # guaranteed by __init__
@@ -542,6 +559,34 @@ class EpisodicDataModule(MetaBatchDataModule):
 
     def test_dataloader(self) -> DataLoader[Episode]:
         return self.eval_loader(self.tasks("test"), self.num_eval_tasks, collate_fn=collate_episodes)
+
+
+def settings_repr(module: object, settings: Mapping[str, Any]) -> str:
+    """``ClassName(name=value, ...)`` of a data module's ``settings``, in their order, with the data shown by its size
+    rather than its contents: a tensor by shape and dtype, a dataset by its length, a list or tuple of more than
+    :data:`SHOWN_ITEMS` by its first ones and its length."""
+    return f"{type(module).__name__}({', '.join(f'{name}={_short_repr(value)}' for name, value in settings.items())})"
+
+
+SHOWN_ITEMS = 4
+"""How many items of a long list :func:`settings_repr` shows."""
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key!r}: {_short_repr(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        items = [_short_repr(item) for item in value[:SHOWN_ITEMS]]
+        if len(value) > SHOWN_ITEMS:
+            items.append(f"... {len(value)} items")
+        if isinstance(value, list):
+            return f"[{', '.join(items)}]"
+        return f"({', '.join(items)}{',' if len(value) == 1 else ''})"
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+        return f"<{type(value).__name__} of {len(value)} items>"  # a dataset
+    return repr(value)
 
 
 def _examples_and_labels(data: LabelledData) -> tuple[Tensor | Dataset, Tensor]:

@@ -26,9 +26,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -41,7 +39,8 @@ from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_contrastive.data.episodic import META_SPLITS, EpisodicDataModule
+from lightning_contrastive.data._image_files import ImageFilesDataModule, cache_path, check_image_size, decode_once
+from lightning_contrastive.data.episodic import META_SPLITS
 
 MINIIMAGENET_MEAN = (120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255)
 MINIIMAGENET_STD = (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255)
@@ -162,23 +161,27 @@ def read_miniimagenet(
         ValueError: a file is malformed or corrupt, or two meta-splits share a class name (names
             the file and the expected layout).
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be an integer >= 1; got {image_size!r}.")
+    check_image_size(image_size)
     layout, paths = find_miniimagenet(root)
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir).expanduser() / f"miniimagenet-{image_size}px-{_fingerprint(layout, paths)}.pt"
-        if cache_file.is_file():
-            return _load_cache(cache_file)
-    reader = _READERS[layout.name]
-    splits = {meta_split: reader(path, layout, image_size) for meta_split, path in paths.items()}
-    decoded = _assemble(splits, layout, paths)
-    if cache_file is not None:
-        _save_cache(decoded, cache_file)
-    return decoded
+
+    def decode() -> dict[str, Any]:
+        reader = _READERS[layout.name]
+        splits = {meta_split: reader(path, layout, image_size) for meta_split, path in paths.items()}
+        return _assemble(splits, layout, paths)
+
+    payload = decode_once(
+        cache_path(cache_dir, f"miniimagenet-{image_size}px-{_fingerprint(layout, paths)}.pt"), decode
+    )
+    return MiniImagenetImages(
+        images=payload["images"],
+        labels=payload["labels"],
+        class_names=tuple(payload["class_names"]),
+        class_splits={meta_split: list(classes) for meta_split, classes in payload["class_splits"].items()},
+        layout=layout.name,
+    )
 
 
-class MiniImagenetDataModule(EpisodicDataModule):
+class MiniImagenetDataModule(ImageFilesDataModule):
     """miniImageNet N-way K-shot episodes in torchmeta's batch format: ``x`` of shape ``(B, N*K, 3, 84, 84)``.
 
     Classes are those of the files' meta-splits (Ravi & Larochelle's 64/16/20; a warning says when the
@@ -221,27 +224,13 @@ class MiniImagenetDataModule(EpisodicDataModule):
         eval_seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be an integer >= 1; got {image_size!r}.")
         mean, std = (MINIIMAGENET_MEAN, MINIIMAGENET_STD) if normalize else ((0.0,) * 3, (1.0,) * 3)
         super().__init__(
-            ways=ways,
-            shots=shots,
-            test_shots=test_shots,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_train_tasks=num_train_tasks,
-            num_eval_tasks=num_eval_tasks,
-            seed=seed,
-            eval_seed=eval_seed,
-            transform=partial(_standardise, mean=mean, std=std),
-            num_workers=num_workers,
-        )
+            root, ways, shots, test_shots, batch_size, eval_batch_size, num_train_tasks, num_eval_tasks, image_size,
+            cache_dir, seed, eval_seed, num_workers, transform=partial(_standardise, mean=mean, std=std),
+        )  # fmt: skip
         self.save_hyperparameters()
-        self.root = root
-        self.image_size = image_size
         self.normalize = normalize
-        self.cache_dir = cache_dir
         self.images: MiniImagenetImages | None = None
 
     def load_data(self) -> tuple[tuple[Tensor, Tensor], Mapping[str, Sequence[int]]]:
@@ -443,8 +432,10 @@ def _resized_image(image: Image.Image, image_size: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def _assemble(splits: Mapping[str, _SplitImages], layout: Layout, paths: Mapping[str, Path]) -> MiniImagenetImages:
-    """One ``(N, 3, S, S)`` tensor of the meta-splits' images, their classes numbered consecutively."""
+def _assemble(splits: Mapping[str, _SplitImages], layout: Layout, paths: Mapping[str, Path]) -> dict[str, Any]:
+    """One ``(N, 3, S, S)`` tensor of the meta-splits' images, their classes numbered consecutively: the fields of
+    :class:`MiniImagenetImages` but the layout, as tensors and plain values (``layout`` and ``paths`` name the files
+    in errors)."""
     owner: dict[str, str] = {}
     for meta_split, split in splits.items():
         for name in split.class_names:
@@ -468,9 +459,12 @@ def _assemble(splits: Mapping[str, _SplitImages], layout: Layout, paths: Mapping
         class_splits[meta_split] = list(range(len(class_names), len(class_names) + len(split.class_names)))
         class_names += split.class_names
         start = stop
-    return MiniImagenetImages(
-        torch.from_numpy(images), torch.from_numpy(labels), tuple(class_names), class_splits, layout.name
-    )
+    return {
+        "images": torch.from_numpy(images),
+        "labels": torch.from_numpy(labels),
+        "class_names": class_names,
+        "class_splits": class_splits,
+    }
 
 
 def _fingerprint(layout: Layout, paths: Mapping[str, Path]) -> str:
@@ -481,33 +475,3 @@ def _fingerprint(layout: Layout, paths: Mapping[str, Path]) -> str:
         files += sorted(entry for entry in images_folder.iterdir() if entry.is_file())
     stats = [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files]
     return hashlib.sha256(json.dumps([_CACHE_FORMAT, layout.name, stats]).encode()).hexdigest()[:16]
-
-
-def _save_cache(decoded: MiniImagenetImages, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "images": decoded.images,
-        "labels": decoded.labels,
-        "class_names": list(decoded.class_names),
-        "class_splits": decoded.class_splits,
-        "layout": decoded.layout,
-    }
-    handle, partial_file = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, partial_file)
-        os.replace(partial_file, path)  # atomic: a concurrent reader never sees half a cache file
-    finally:
-        if os.path.exists(partial_file):
-            os.remove(partial_file)
-
-
-def _load_cache(path: Path) -> MiniImagenetImages:
-    payload = torch.load(path, weights_only=True)
-    return MiniImagenetImages(
-        images=payload["images"],
-        labels=payload["labels"],
-        class_names=tuple(payload["class_names"]),
-        class_splits={meta_split: list(classes) for meta_split, classes in payload["class_splits"].items()},
-        layout=payload["layout"],
-    )

@@ -13,15 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,8 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_contrastive.data._image_files import ImageFilesDataModule, cache_path, check_image_size, decode_once
 from lightning_contrastive.data.download import download_verified
-from lightning_contrastive.data.episodic import EpisodicDataModule
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 """Where the official archives live (brendenlake/omniglot on GitHub)."""
@@ -115,12 +113,22 @@ def read_omniglot(root: str | Path, image_size: int = 28, cache_dir: str | Path 
         FileNotFoundError: no archives in ``root``.
         ValueError: an archive is corrupt or truncated (names the file and the fix).
     """
+    check_image_size(image_size)
     archives = find_archives(root)
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir).expanduser() / f"omniglot-{image_size}px-{_fingerprint(archives)}.pt"
-        if cache_file.is_file():
-            return _load_cache(cache_file)
+    payload = decode_once(
+        cache_path(cache_dir, f"omniglot-{image_size}px-{_fingerprint(archives)}.pt"),
+        partial(_decode_archives, archives, image_size),
+    )
+    return OmniglotImages(
+        images=payload["images"],
+        labels=payload["labels"],
+        characters=tuple(Character(*character) for character in payload["characters"]),
+        archives=tuple(payload["archives"]),
+    )
+
+
+def _decode_archives(archives: Mapping[str, Path], image_size: int) -> dict[str, Any]:
+    """:class:`OmniglotImages`' fields, as tensors and plain values (characters as lists of strings)."""
     with ExitStack() as stack:
         files: dict[tuple[str, str], tuple[str, list[str]]] = {}
         readers: dict[str, _ArchiveReader] = {}
@@ -139,15 +147,12 @@ def read_omniglot(root: str | Path, image_size: int = 28, cache_dir: str | Path 
             for member in members:
                 images[position, 0] = readers[name].decode(member, image_size)
                 position += 1
-    decoded = OmniglotImages(
-        images=torch.from_numpy(images),
-        labels=torch.arange(len(characters)).repeat_interleave(torch.tensor(counts)),
-        characters=tuple(characters),
-        archives=tuple(archives),
-    )
-    if cache_file is not None:
-        _save_cache(decoded, cache_file)
-    return decoded
+    return {
+        "images": torch.from_numpy(images),
+        "labels": torch.arange(len(characters)).repeat_interleave(torch.tensor(counts)),
+        "characters": [list(character) for character in characters],
+        "archives": list(archives),
+    }
 
 
 def vinyals_split(characters: Sequence[Character]) -> dict[str, list[int]]:
@@ -266,7 +271,7 @@ def download_omniglot(root: str | Path, archives: Sequence[str] = FULL_ARCHIVES,
     return fetched
 
 
-class OmniglotDataModule(EpisodicDataModule):
+class OmniglotDataModule(ImageFilesDataModule):
     """Omniglot N-way K-shot episodes in torchmeta's batch format: ``x`` of shape ``(B, N*K, 1, 28, 28)``.
 
     Classes are characters, plus (with ``rotations``) each character rotated by 90, 180 and 270
@@ -324,8 +329,6 @@ class OmniglotDataModule(EpisodicDataModule):
         eval_seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be an integer >= 1; got {image_size!r}.")
         if split_by not in ("character", "alphabet"):
             raise ValueError(f'split_by must be "character" or "alphabet"; got {split_by!r}.')
         if split_by == "alphabet" and use_vinyals_split:
@@ -333,28 +336,16 @@ class OmniglotDataModule(EpisodicDataModule):
                 'use_vinyals_split=True and split_by="alphabet" ask for two different splits: the Vinyals split '
                 "is fixed (meta-test: the evaluation alphabets). Pass one of them."
             )
+        rotated = [partial(torch.rot90, k=k, dims=(-2, -1)) for k in (1, 2, 3)] if rotations else ()
         super().__init__(
-            ways=ways,
-            shots=shots,
-            test_shots=test_shots,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_train_tasks=num_train_tasks,
-            num_eval_tasks=num_eval_tasks,
-            seed=seed,
-            eval_seed=eval_seed,
-            class_augmentations=[partial(torch.rot90, k=k, dims=(-2, -1)) for k in (1, 2, 3)] if rotations else (),
-            transform=_to_unit_interval,
-            num_workers=num_workers,
-        )
+            root, ways, shots, test_shots, batch_size, eval_batch_size, num_train_tasks, num_eval_tasks, image_size,
+            cache_dir, seed, eval_seed, num_workers, class_augmentations=rotated, transform=_to_unit_interval,
+        )  # fmt: skip
         self.save_hyperparameters()
-        self.root = root
         self.use_vinyals_split = use_vinyals_split
         self.split_by = split_by
         self.rotations = rotations
-        self.image_size = image_size
         self.download = download
-        self.cache_dir = cache_dir
         self.images: OmniglotImages | None = None
         self.class_splits: dict[str, list[int]] = {}
 
@@ -459,31 +450,3 @@ def _fingerprint(archives: Mapping[str, Path]) -> str:
         stats = [file.stat() for file in files]
         description.append([name, len(stats), sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)])
     return hashlib.sha256(json.dumps([_CACHE_FORMAT, description]).encode()).hexdigest()[:16]
-
-
-def _save_cache(decoded: OmniglotImages, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "images": decoded.images,
-        "labels": decoded.labels,
-        "characters": [list(character) for character in decoded.characters],
-        "archives": list(decoded.archives),
-    }
-    handle, partial_file = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, partial_file)
-        os.replace(partial_file, path)  # atomic: a concurrent reader never sees half a cache file
-    finally:
-        if os.path.exists(partial_file):
-            os.remove(partial_file)
-
-
-def _load_cache(path: Path) -> OmniglotImages:
-    payload = torch.load(path, weights_only=True)
-    return OmniglotImages(
-        images=payload["images"],
-        labels=payload["labels"],
-        characters=tuple(Character(*character) for character in payload["characters"]),
-        archives=tuple(payload["archives"]),
-    )

@@ -6,6 +6,7 @@ needs :func:`lightning_contrastive.compat.patch_torchmeta` called before its fir
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_contrastive.data.episodic import _STREAMS, META_SPLITS, EpisodeSampler, _check_counts
+from lightning_contrastive.data.episodic import _STREAMS, META_SPLITS, EpisodeSampler, _check_counts, settings_repr
 
 TaskIndex = int | tuple[int, ...]
 """What a torchmeta meta-dataset is indexed by: a tuple of class indices for a ``CombinationMetaDataset``
@@ -148,6 +149,14 @@ class TorchmetaDataModule(pl.LightningDataModule):
         self.seed = seed
         self.eval_seed = seed if eval_seed is None else eval_seed
         self.num_workers = num_workers
+
+    def __repr__(self) -> str:
+        """``TorchmetaDataModule(train=<... of N items>, ..., batch_size=16, ...)`` with the settings in effect
+        (``eval_seed`` and ``eval_batch_size`` resolved)."""
+        settings: dict[str, Any] = dict(self.datasets)
+        for name in list(inspect.signature(TorchmetaDataModule).parameters)[3:]:  # held under their own names
+            settings[name] = getattr(self, name)
+        return settings_repr(self, settings)
 
     @classmethod
     def from_helper(

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from lightning_contrastive.data import MiniImagenetDataModule, OmniglotDataModule, SinusoidDataModule
 from lightning_contrastive.data.episodic import ClassificationTasks, EpisodeSampler, EpisodicDataModule
 from lightning_contrastive.tasks import split_batch
 
@@ -264,3 +265,33 @@ def test_non_integer_labels_are_rejected() -> None:
     with pytest.raises(ValueError, match="Class labels must be integers"):
         EpisodicDataModule((x, y.float()), SPLITS).setup()
     assert np.array_equal(module().class_labels("test"), SPLITS["test"])
+
+
+def test_the_repr_shows_the_settings_in_effect_and_the_data_by_its_size() -> None:
+    datamodule = EpisodicDataModule(labelled_vectors(), SPLITS, ways=5, shots=2, batch_size=4, eval_seed=7)
+    assert repr(datamodule) == (
+        "EpisodicDataModule(data=(Tensor(shape=(360, 3), dtype=torch.int64), Tensor(shape=(360,), dtype=torch.int64)), "
+        "class_splits={'train': [0, 1, 2, 3, ... 18 items], 'val': [18, 19, 20, 21, ... 6 items], "
+        "'test': [24, 25, 26, 27, ... 6 items]}, ways=5, shots=2, test_shots=15, batch_size=4, eval_batch_size=4, "
+        "num_train_tasks=3200, num_eval_tasks=600, seed=0, eval_seed=7, class_augmentations=(), transform=None, "
+        "num_workers=0)"
+    )
+    assert repr(EpisodicDataModule(TensorDataset(*labelled_vectors()), SPLITS)).startswith(
+        "EpisodicDataModule(data=<TensorDataset of 360 items>, "
+    )
+
+
+@pytest.mark.parametrize(
+    ("cls", "settings"),
+    [
+        (OmniglotDataModule, {"root": "data/omniglot", "ways": 20, "split_by": "alphabet", "cache_dir": "~/cache"}),
+        (MiniImagenetDataModule, {"root": "mini", "shots": 5, "normalize": False, "eval_seed": 3}),
+        (SinusoidDataModule, {"shots": 5, "amplitude_range": (1.0, 2.0), "noise_std": 0.1}),
+    ],
+)
+def test_the_repr_of_a_data_module_on_files_is_its_constructor_call(cls: type, settings: dict[str, object]) -> None:
+    datamodule = cls(**settings)
+    text = repr(datamodule)
+    assert text.startswith(f"{cls.__name__}(") and all(f"{name}={value!r}" in text for name, value in settings.items())
+    rebuilt = eval(text, {cls.__name__: cls})  # every setting, defaults included, in constructor syntax
+    assert rebuilt.hparams == datamodule.hparams and repr(rebuilt) == text

@@ -6,8 +6,9 @@ this extension rewrites each role into a cross-reference that mkdocs-autorefs re
 literal-block marker into a colon (the indented block after it is already a Markdown code block, so the double
 backticks of an indented equation line go too):
 
-- a fully qualified target (``lightning_contrastive.…``) becomes a required reference, ``[`Contrastive`][path]``:
-  a target missing from the API reference fails ``mkdocs build --strict``, as a broken link should;
+- a fully qualified target (any path in the documented package, ``lightning_contrastive.…``) becomes a required
+  reference, ``[`Contrastive`][path]``: a target missing from the API reference fails ``mkdocs build --strict``, as
+  a broken link should;
 - a relative target (``adapt``, ``MetaLearningModule.test_step``) is looked up the way Sphinx does, from the
   documented object outwards through its class and module; when found, it becomes an *optional* reference to the
   object's canonical path (a link where that object is rendered, plain code where it is internal), and when not
@@ -23,7 +24,6 @@ from typing import Any
 
 import griffe
 
-PACKAGE = "lightning_contrastive"
 ROLE = re.compile(
     r":(?:py:)?(?:class|func|meth|mod|attr|obj|data|exc|const):`(?P<tilde>~?)(?P<target>[\w.]+)(?:\(\))?`"
 )
@@ -72,7 +72,7 @@ def rewrite(text: str, obj: griffe.Object | griffe.Alias, package: griffe.Module
         target = match["target"]
         title = target.rsplit(".", 1)[-1] if match["tilde"] else target
         code = f"<code>{title}</code>"
-        if target.split(".", 1)[0] == PACKAGE:
+        if target.split(".", 1)[0] == package.name:
             return f"[{code}][{target}]"
         for scope in scopes(obj):
             found = lookup(package, f"{scope}.{target}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -148,3 +149,45 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+# A package for docs/sphinx_roles.py to rewrite (named apart from this repository's, which griffe would find first).
+SPHINX_ROLES_PACKAGE = {
+    "__init__.py": "from roles_example.core import Thing\n",
+    "core.py": '''
+class Thing:
+    """Built by :func:`make`; see :meth:`run`, :class:`~roles_example.core.Thing` and :meth:`setup`.
+
+    Its cost::
+
+        ``g = a - b``
+    """
+
+    def run(self) -> None:
+        """Calls :meth:`Thing.run`, holds ``nn.Parameter``\\\\ s."""
+
+
+def make() -> Thing:
+    """Returns a :class:`Thing`."""
+''',
+}
+
+
+def test_sphinx_roles_become_autorefs_links() -> None:
+    """docs/sphinx_roles.py: a qualified role is a checked link, a relative one a link where it resolves, else code."""
+    griffe = pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("sphinx_roles", REPOSITORY / "docs" / "sphinx_roles.py")
+    assert spec is not None and spec.loader is not None
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    extensions = griffe.load_extensions(roles.SphinxRoles)
+    with griffe.temporary_visited_package("roles_example", SPHINX_ROLES_PACKAGE, extensions=extensions) as package:
+        core = package.members["core"]
+        thing, run, make = core.members["Thing"], core.members["Thing"].members["run"], core.members["make"]
+        optional = '<autoref identifier="roles_example.core.{}" optional><code>{}</code></autoref>'
+        assert thing.docstring.value == (
+            f"Built by {optional.format('make', 'make')}; see {optional.format('Thing.run', 'run')}, "
+            "[<code>Thing</code>][roles_example.core.Thing] and `setup`.\n\nIts cost:\n\n    g = a - b"
+        )
+        assert run.docstring.value == f"Calls {optional.format('Thing.run', 'Thing.run')}, holds ``nn.Parameter``s."
+        assert make.docstring.value == f"Returns a {optional.format('Thing', 'Thing')}."

@@ -87,7 +87,7 @@ def with_ones(x: Tensor) -> Tensor:
 
 def contrastive_error(problem: Regression, exact: Tensor, beta: float, symmetric: bool, steps: int) -> float:
     """``|g - g*| / |g*|`` for the contrastive rule with ``steps`` steps in the free and in each nudged phase."""
-    # The full nudge, as docs/beta_sweep.png was made; benchmarks/gradient_quality.py sweeps both nudges.
+    # The full nudge, as docs/beta_sweep.png was made; python -m benchmarks.gradient_quality sweeps both nudges.
     estimator = Contrastive(
         beta=beta, symmetric=symmetric, inner_steps=steps, nudged_steps=steps, nudge="full", inner_lr=INNER_LR
     )

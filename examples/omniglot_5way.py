@@ -22,8 +22,8 @@ last command above tests again.
 
 The images are the official small background subsets of Omniglot (242 characters, split by character
 into meta-train/val/test and augmented with rotations). They are read from ``--root``, else from
-``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else from ``../shared/data/omniglot`` beside the repository,
-else from ``/work/shared/data/omniglot``. The full Omniglot zips work unchanged (the Vinyals split is then used).
+``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else from ``../shared/data/omniglot`` beside the repository. The full
+Omniglot zips work unchanged (the Vinyals split is then used).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from lightning_contrastive.cli import MetaLearningCLI
 REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIG = REPOSITORY / "configs" / "omniglot" / "contrastive_5way1shot.yaml"
 ROOT_ENV_VAR = "LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT"
-ROOT_CANDIDATES = (REPOSITORY.parent / "shared" / "data" / "omniglot", Path("/work/shared/data/omniglot"))
+DEFAULT_ROOT = REPOSITORY.parent / "shared" / "data" / "omniglot"
 SCRIPT_OVERRIDES = ("--trainer.logger=false", "--trainer.enable_model_summary=false")
 """The script prints its own summary; any of these can be overridden again on its command line."""
 
@@ -75,13 +75,11 @@ class Comparison:
 
 
 def default_root() -> Path:
-    """``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else the first of ``ROOT_CANDIDATES`` that exists.
+    """``$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT``, else :data:`DEFAULT_ROOT`, beside the repository.
 
-    When none exists the first is returned, so that the data module's error names where the files belong.
+    Returned whether or not it exists, so that the data module's error names where the files belong.
     """
-    if os.environ.get(ROOT_ENV_VAR):
-        return Path(os.environ[ROOT_ENV_VAR])
-    return next((candidate for candidate in ROOT_CANDIDATES if candidate.is_dir()), ROOT_CANDIDATES[0])
+    return Path(os.environ[ROOT_ENV_VAR]) if os.environ.get(ROOT_ENV_VAR) else DEFAULT_ROOT
 
 
 def build(root: Path, overrides: Sequence[str] = (), config: Path = CONFIG) -> MetaLearningCLI:
@@ -157,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> Comparison:
         epilog="Any other argument is a LightningCLI override of the configuration, e.g. --trainer.max_steps=600.",
     )
     parser.add_argument("--config", type=Path, default=CONFIG, help="configuration file (default: %(default)s)")
-    fallbacks = " or ".join(dict.fromkeys(map(str, ROOT_CANDIDATES)))
-    parser.add_argument("--root", type=Path, help=f"Omniglot zips' folder (default: ${ROOT_ENV_VAR}, else {fallbacks})")
+    parser.add_argument(
+        "--root", type=Path, help=f"Omniglot zips' folder (default: ${ROOT_ENV_VAR}, else {DEFAULT_ROOT})"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest on 2 shared cores)"
     )

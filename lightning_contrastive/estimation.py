@@ -62,9 +62,9 @@ def ieee_float32() -> Iterator[None]:
     cuDNN convolutions default to TF32 (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), and
     ``torch.set_float32_matmul_precision("high")``, which Lightning advises on tensor-core GPUs, turns cuBLAS and
     oneDNN matrix products to TF32 too. TF32 keeps 10 mantissa bits: the contrastive estimate divides differences
-    of such results by beta, and long inner loops compound them. On one H200 (``benchmarks/meta_step.py --device
-    cuda``, Conv4, 16 tasks, T=20) looped and vmapped meta-gradients, which differ only in rounding, disagreed by
-    3-26% of the largest entry under TF32 convolutions and by 0.1-7% in IEEE float32. Every backend of
+    of such results by beta, and long inner loops compound them. On one H200 (``python -m benchmarks.meta_step
+    --device cuda``, Conv4, 16 tasks, T=20) looped and vmapped meta-gradients, which differ only in rounding,
+    disagreed by 3-26% of the largest entry under TF32 convolutions and by 0.1-7% in IEEE float32. Every backend of
     :data:`IEEE_GUARDED_BACKENDS` is set to ``"ieee"`` and restored to the caller's setting on exit.
     """
     backends = []
@@ -96,7 +96,7 @@ def choose_batched(learner: Learner, estimator: Estimator, num_tasks: int) -> bo
     """What ``batched=None`` picks: vmap over tasks for a batchable estimator and several tasks, unless the
     learner has convolutions and runs on the CPU; a loop over tasks otherwise.
 
-    The rule is measured. On one CPU thread (``benchmarks/meta_step.py``), for the 1-40-40-1 sinusoid MLP a
+    The rule is measured. On one CPU thread (``python -m benchmarks.meta_step``), for the 1-40-40-1 sinusoid MLP a
     vmapped meta-batch of 25 tasks ran the contrastive estimate 7-8x faster than the loop, whose cost is
     per-operator overhead; for Conv4 (2 tasks) vmap took 1.4-2x longer, as it turns each layer's per-task
     convolutions into one grouped convolution, which CPU kernels run slower than the separate ones. On one

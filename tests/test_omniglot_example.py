@@ -104,7 +104,7 @@ def test_the_root_comes_from_the_environment_variable(monkeypatch: pytest.Monkey
     monkeypatch.setenv(example.ROOT_ENV_VAR, str(tmp_path))
     assert example.default_root() == tmp_path
     monkeypatch.delenv(example.ROOT_ENV_VAR)
-    assert example.default_root() in example.ROOT_CANDIDATES
+    assert example.default_root() == example.DEFAULT_ROOT
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ from lightning_contrastive.data import OmniglotDataModule, SinusoidDataModule
 from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.networks import MLP
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sinusoid"
-OMNIGLOT = Path(os.environ.get("LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT", "/work/shared/data/omniglot"))
+REPOSITORY = Path(__file__).resolve().parents[1]
+CONFIGS = REPOSITORY / "configs" / "sinusoid"
+OMNIGLOT = Path(os.environ.get("LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT", REPOSITORY.parent / "shared/data/omniglot"))
 STEPS = 4  # n: the interrupted run stops after n meta-steps and resumes for n more
 
 # Resuming mid-epoch from a data module that restores its own position: Lightning cannot see that.

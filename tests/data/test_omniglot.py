@@ -37,7 +37,7 @@ SMALL_ARCHIVES = ("images_background_small1", "images_background_small2")
 
 
 def shared_omniglot() -> Path | None:
-    candidates = [os.environ.get(ENV_VAR), REPOSITORY.parent / "shared/data/omniglot", "/work/shared/data/omniglot"]
+    candidates = [os.environ.get(ENV_VAR), REPOSITORY.parent / "shared/data/omniglot"]
     for candidate in filter(None, candidates):
         if all((Path(candidate) / f"{name}.zip").is_file() for name in SMALL_ARCHIVES):
             return Path(candidate)

@@ -35,11 +35,7 @@ def torchmeta() -> ModuleType:
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
     """The folder of the shared Omniglot small background zips."""
-    candidates = [
-        os.environ.get(OMNIGLOT_ENV_VAR),
-        REPOSITORY.parent / "shared/data/omniglot",
-        "/work/shared/data/omniglot",
-    ]
+    candidates = [os.environ.get(OMNIGLOT_ENV_VAR), REPOSITORY.parent / "shared/data/omniglot"]
     for candidate in filter(None, candidates):
         if all((Path(candidate) / f"{name}.zip").is_file() for name in SMALL_ARCHIVES):
             return Path(candidate)

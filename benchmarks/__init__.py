@@ -7,6 +7,7 @@ Top level: the benchmarks behind the README's tables (``meta_step``, ``gradient_
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -22,3 +23,12 @@ def omniglot_root() -> Path:
     """
     configured = os.environ.get(OMNIGLOT_ROOT_ENV_VAR)
     return Path(configured) if configured else REPOSITORY.parent / "shared" / "data" / "omniglot"
+
+
+def cpu_model() -> str:
+    """This machine's CPU model as the benchmarks record it: ``/proc/cpuinfo``'s model name where there is one (Linux),
+    else what ``platform`` says, else ``unknown``."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(names, platform.processor() or "unknown")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from benchmarks import cpu_model
 from benchmarks.meta_step.problems import (
     CONTRASTIVE_METHODS,
     PATH_FORCED,
@@ -88,21 +89,10 @@ def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def machine() -> str:
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if "model name" in line
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
+    """CPU model, cores and load average of this machine, and the torch and Python versions, on one line."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     versions = f"torch {torch.__version__}, Python {platform.python_version()}"
-    return f"{model}, {os.cpu_count()} cores, load average {load}; {versions}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, load average {load}; {versions}"
 
 
 class Benchmark:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import REPOSITORY
+from benchmarks import REPOSITORY, cpu_model
 from benchmarks.reproduce.cell import CellResult, write_json
 from benchmarks.reproduce.configs import smoke_overrides
 from benchmarks.reproduce.estimates import Measurements
@@ -69,16 +69,8 @@ def launch_gradient_quality(out: Path, quick: bool) -> str:
 
 def machine() -> dict[str, Any]:
     """CPU model, core count, Python and torch versions of this machine, and the threads each worker uses."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown",
-    )
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -101,7 +101,7 @@ class Contrastive(Estimator):
         query_subsample: int | None = None,
         divergence_ratio: float = 10.0,
         precision: Precision = "float32",
-        free_steps: int | None = None,
+        free_steps: int | None = None,  # when removed: configs and checkpoints saved meanwhile hold free_steps: null
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
         inner_steps = renamed_argument("Contrastive", "free_steps", free_steps, "inner_steps", inner_steps, 100)

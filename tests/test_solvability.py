@@ -47,6 +47,7 @@ def test_lbfgs_reaches_a_tiny_residual_at_the_closed_form_solution() -> None:
     trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvability.lbfgs(), 150)
     reached = trace.evaluations_to(1e-6)
     assert reached is not None and reached < 100
+    assert trace.late_drift(torch.zeros(30, dtype=torch.float64)) < 1e-4  # settled in the first half of the budget
     assert trace.last_point is not None
     torch.testing.assert_close(trace.last_point, torch.linalg.solve(MATRIX, VECTOR), rtol=1e-5, atol=1e-6)
 

@@ -169,12 +169,21 @@ SOLVERS: dict[str, Callable[[Evaluate, Flat], None]] = {
 
 @dataclass
 class Trace:
-    """What a solve evaluated: per evaluation, the residual ``||dL/dphi||``, ``L_in`` and the CPU seconds so far."""
+    """What a solve evaluated: per evaluation, the residual ``||dL/dphi||``, ``L_in`` and the CPU seconds so far;
+    and the points evaluated last and half-way through the budget."""
 
     residuals: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     last_point: Flat | None = None
+    halfway_point: Flat | None = None
+
+    def late_drift(self, start: Flat) -> float:
+        """How far the second half of the budget moved the point, relative to how far the whole solve moved it:
+        ``||phi_N - phi_(N/2)|| / ||phi_N - phi_0||``. Small when the iterates have settled, even where the
+        residual has not fallen (a minimum on a ReLU or max-pool kink, where the gradient does not vanish)."""
+        assert self.last_point is not None and self.halfway_point is not None
+        return float((self.last_point - self.halfway_point).norm() / (self.last_point - start).norm())
 
     def evaluations_to(self, ratio: float) -> int | None:
         """The number of evaluations up to the first point with residual ``<= ratio x`` the start's, or None."""
@@ -208,6 +217,8 @@ def solve(
         trace.losses.append(float(value.detach()))
         trace.seconds.append(time.process_time() - began)
         trace.last_point = point.detach()
+        if len(trace.residuals) == (evaluations + 1) // 2:
+            trace.halfway_point = trace.last_point
         if len(trace.residuals) >= evaluations:
             raise BudgetSpent
         return value.detach(), scale * gradient
@@ -402,6 +413,7 @@ def run(cell: Cell, problem: Problem, evaluations: int) -> dict[str, object]:
         "start_residual": trace.residuals[0],
         "final_ratio": trace.residuals[-1] / trace.residuals[0],
         "min_ratio": min(trace.residuals) / trace.residuals[0],
+        "late_drift": trace.late_drift(problem.start),
         "start_loss": trace.losses[0],
         "final_loss": trace.losses[-1],
         "query_accuracy": problem.accuracy(trace.last_point),
@@ -429,6 +441,8 @@ def summarise(records: Sequence[Mapping[str, object]]) -> list[dict[str, str]]:
             row[f"evals to {tolerance:g}"] = _reached(reached)
         row["final r/r0"] = _spread([float(r["final_ratio"]) for r in runs], "{:.3g}")
         row["min r/r0"] = _spread([float(r["min_ratio"]) for r in runs], "{:.3g}")
+        drifts = [float(r["late_drift"]) for r in runs if "late_drift" in r]
+        row["late drift"] = _spread(drifts, "{:.2g}") if drifts else "n/a"
         row["L_in start"] = _spread([float(r["start_loss"]) for r in runs], "{:.3g}")
         row["L_in final"] = _spread([float(r["final_loss"]) for r in runs], "{:.3g}")
         row["query acc %"] = _spread([100 * float(r["query_accuracy"]) for r in runs], "{:.0f}")

@@ -162,12 +162,9 @@ class MetaLearningModule(pl.LightningModule):
         return self.adapt(x_support, y_support)(x_query)
 
     def meta_learned_network(self) -> nn.Module:
-        """What was meta-learned, as a plain copy of the user's network class (``learner.meta_learned_network()``).
-
-        For :class:`~lightning_contrastive.ComplexSynapse` the backbone at ``omega``; for
-        :class:`~lightning_contrastive.DualSystem` the primary network with its starting modulation and readout
-        folded in. Its ``state_dict()`` loads into a fresh instance of that class: no library needed to use it.
-        """
+        """What was meta-learned, as a plain copy of the user's network class whose ``state_dict()`` loads into a fresh
+        instance of it, no library needed (``learner.meta_learned_network()``: for ``ComplexSynapse`` the backbone at
+        ``omega``, for ``DualSystem`` the primary network with its starting modulation and readout folded in)."""
         return self.learner.meta_learned_network()
 
     def export(self, directory: str | os.PathLike[str]) -> dict[str, Path]:

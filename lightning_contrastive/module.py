@@ -35,7 +35,7 @@ from lightning_contrastive.evaluation import (
 from lightning_contrastive.export import adapted_network, export_learned
 from lightning_contrastive.faults import InnerFault
 from lightning_contrastive.learners.base import Learner
-from lightning_contrastive.runtime import CpuThreads, ThreadPolicy, seeded_by_position
+from lightning_contrastive.runtime import ThreadPolicy, seeded_by_position
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class MetaLearningModule(pl.LightningModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         on_inner_fault: FaultPolicy = "stop",
         batched: bool | None = None,
-        cpu_threads: CpuThreads = "auto",
+        cpu_threads: int | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__()
         check_estimation(learner, estimator, batched)  # fail now, not at the first batch

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_contrastive.estimators.base import Estimator, TaskEstimate
+from lightning_contrastive.estimators.base import PER_PHASE_FIELDS, Estimator, TaskEstimate
 from lightning_contrastive.faults import InnerFault, InnerLoopError, find_faults
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Split, Task, split_batch
@@ -209,17 +209,17 @@ def vmapped_task_estimates(
 
     def one_task(
         support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Params, dict[str, Tensor], dict[str, Tensor]]:
+    ) -> tuple[Tensor, Params, dict[str, dict[str, Tensor]]]:
         result = estimator.task_estimate(learner, meta, Task(Split(support_x, support_y), Split(query_x, query_y)))
-        return result.surrogate, result.adapted, result.inner_losses, result.faults
+        by_phase = {field: getattr(result, field) for field in PER_PHASE_FIELDS}
+        return result.surrogate, result.adapted, by_phase
 
-    surrogates, adapted, inner_losses, faults = torch.func.vmap(one_task, randomness="different")(*stacked)
+    surrogates, adapted, by_phase = torch.func.vmap(one_task, randomness="different")(*stacked)
     return [
         TaskEstimate(
             surrogate=surrogates[i],
             adapted={name: p[i] for name, p in adapted.items()},
-            inner_losses={name: loss[i] for name, loss in inner_losses.items()},
-            faults={name: flag[i] for name, flag in faults.items()},
+            **{field: {name: value[i] for name, value in values.items()} for field, values in by_phase.items()},
         )
         for i in range(len(tasks))
     ]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 from lightning_utilities import apply_to_collection
-from lightning_utilities.core.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from lightning_contrastive.estimation import MetaEstimate, cast_task, compute_dtype, ieee_float32
@@ -217,12 +217,65 @@ def predict_queries(learner: Learner, estimator: Estimator, batch: Any) -> Tenso
 
 
 def training_metrics(learner: Learner, estimator: Estimator, result: MetaEstimate) -> dict[str, Tensor]:
-    """The means over a training batch's kept tasks (``result.tasks``, at least one) of the query loss after adaptation
-    (``train/query_loss``, and ``train/accuracy`` for classification) and of each inner phase's final objective
-    (``inner/free``, ``inner/nudged_pos``, ...), from what the estimate computed: no task is adapted again."""
+    """What a training batch's kept tasks (``result.tasks``, at least one) did, averaged over them.
+
+    - ``train/query_loss`` (and ``train/accuracy`` for classification): the query loss after adaptation;
+    - ``inner/<phase>`` (``free``, ``nudged_pos``, ...): each inner phase's final objective;
+    - ``inner/<phase>_steps`` and ``inner/<phase>_residual``, with their maxima ``..._max``: the updates each
+      phase applied and the gradient norm where it ended, i.e. how far from solved;
+    - ``inner/unsolved``, for an estimator with a tolerance: the share of phases that reached their cap unsolved.
+
+    From what the estimate computed: no task is adapted again.
+    """
     per_episode = query_metrics(learner, estimator, result.inputs, [task.adapted for task in result.tasks])
-    inner_losses = {
-        f"inner/{phase}": torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
-        for phase in result.tasks[0].inner_losses
-    }
-    return {**{f"train/{name}": values.mean() for name, values in per_episode.items()}, **inner_losses}
+    metrics = {f"train/{name}": values.mean() for name, values in per_episode.items()}
+    for phase in result.tasks[0].inner_losses:
+        metrics[f"inner/{phase}"] = torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
+        for name, field in (("steps", "steps"), ("residual", "residuals")):
+            values = torch.stack([getattr(task, field)[phase] for task in result.tasks]).float()
+            metrics[f"inner/{phase}_{name}"] = values.mean()
+            metrics[f"inner/{phase}_{name}_max"] = values.max()
+    if estimator.adaptation_tolerance is not None:
+        metrics["inner/unsolved"] = unsolved_phases(result).float().mean()
+    return metrics
+
+
+def unsolved_phases(result: MetaEstimate) -> Tensor:
+    """One boolean per phase of every kept task: True where the phase reached its cap before its tolerance."""
+    return torch.stack([~solved for task in result.tasks for solved in task.solved.values()])
+
+
+UNSOLVED_WARNING_SHARE = 0.1
+"""The share of inner phases ending unsolved above which :class:`UnsolvedPhaseWarning` warns, once per run."""
+
+
+class UnsolvedPhaseWarning:
+    """Warns once per run when more than :data:`UNSOLVED_WARNING_SHARE` of the phases so far ended unsolved.
+
+    A phase that reaches its cap with a residual above the tolerance breaks the premise of the contrastive and
+    implicit estimates (a solved inner problem), and the per-step metrics are easy to miss; counted over at least
+    ``minimum_phases`` phases, so that the first batch alone does not decide.
+    """
+
+    def __init__(self, minimum_phases: int = 20) -> None:
+        self.minimum_phases = minimum_phases
+        self.phases = 0
+        self.unsolved = 0
+        self.warned = False
+
+    def observe(self, estimator: Estimator, result: MetaEstimate) -> None:
+        """Count ``result``'s phases (when ``estimator`` stops on a tolerance) and warn if the share is too high."""
+        if estimator.adaptation_tolerance is None or self.warned or not result.tasks:
+            return
+        flags = unsolved_phases(result)
+        self.phases += flags.numel()
+        self.unsolved += int(flags.sum())
+        if self.phases >= self.minimum_phases and self.unsolved > UNSOLVED_WARNING_SHARE * self.phases:
+            self.warned = True
+            rank_zero_warn(
+                f"{self.unsolved} of {self.phases} inner phases ({self.unsolved / self.phases:.0%}) reached their step "
+                f"cap before the tolerance {estimator.adaptation_tolerance:g} (the logged inner/<phase>_residual "
+                "says how far from solved they ended): the estimate assumes solved phases, and its error grows like "
+                "residual / beta. Raise the caps (inner_steps, nudged_steps), loosen the tolerance, or take a larger "
+                "inner learning rate if the problem allows it."
+            )

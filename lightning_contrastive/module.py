@@ -25,6 +25,7 @@ from lightning_contrastive.estimation import meta_gradient as estimated_meta_gra
 from lightning_contrastive.estimators.base import Estimator
 from lightning_contrastive.evaluation import (
     EpisodeMetrics,
+    UnsolvedPhaseWarning,
     autograd_enabled,
     episode_metrics,
     plain_tensors,
@@ -133,6 +134,7 @@ class MetaLearningModule(pl.LightningModule):
         self.cpu_threads = cpu_threads
         self._threads = ThreadPolicy(cpu_threads)  # checks it
         self.skipped_tasks_total = 0
+        self.unsolved_phases = UnsolvedPhaseWarning()
         self.classification = learner.loss_name == "cross_entropy"
         self.val_episodes = EpisodeMetrics()
         self.test_episodes = EpisodeMetrics()
@@ -187,8 +189,9 @@ class MetaLearningModule(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         """Return the estimator's surrogate for ``batch``; Lightning's backward turns it into the meta-gradient.
 
-        Logs the mean over the batch's tasks of the query loss after adaptation (``train/query_loss``,
-        ``train/accuracy``) and of each inner phase's final objective (``inner/free``, ``inner/nudged_pos``, ...).
+        Logs :func:`~lightning_contrastive.evaluation.training_metrics` (query loss after adaptation, and each inner
+        phase's final objective, steps and residual: ``inner/free``, ``inner/nudged_pos_residual``, ...), and warns
+        once when too many phases end unsolved (:class:`~lightning_contrastive.evaluation.UnsolvedPhaseWarning`).
         Returns ``None`` (no optimizer step) when every task failed under ``on_inner_fault="skip"`` on one process.
         """
         with seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):
@@ -197,6 +200,7 @@ class MetaLearningModule(pl.LightningModule):
             self._count_skipped(result.skipped)
         if not result.tasks:
             return result.surrogate if self.trainer.world_size > 1 else None
+        self.unsolved_phases.observe(self.estimator, result)
         metrics = training_metrics(self.learner, self.estimator, result)
         self.log("train/query_loss", metrics.pop("train/query_loss"), prog_bar=True, batch_size=len(result.tasks))
         self.log_dict(metrics, batch_size=len(result.tasks))

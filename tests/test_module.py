@@ -164,7 +164,13 @@ def test_training_logs_query_loss_and_the_loss_at_the_end_of_each_inner_phase() 
     )
     run = trainer(max_steps=1, log_every_n_steps=1)
     run.fit(module, loader([batch]))
-    assert set(run.logged_metrics) == {"train/query_loss", "inner/free", "inner/nudged_pos", "inner/nudged_neg"}
+    phases = ("free", "nudged_pos", "nudged_neg")
+    per_phase = {f"inner/{phase}{stat}" for phase in phases for stat in ("", "_steps", "_steps_max", "_residual")}
+    per_phase |= {f"inner/{phase}_residual_max" for phase in phases}
+    assert set(run.logged_metrics) == {"train/query_loss", *per_phase}  # no inner/unsolved without a tolerance
+    assert (
+        float(run.logged_metrics["inner/free_steps"]) == 5 and float(run.logged_metrics["inner/nudged_pos_steps"]) == 3
+    )
     assert float(run.logged_metrics["train/query_loss"]) == pytest.approx(expected, rel=1e-5)
 
 

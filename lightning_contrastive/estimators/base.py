@@ -28,12 +28,20 @@ class TaskEstimate:
             inf, or (nudged phases) diverged. Kept on the device; :func:`~lightning_contrastive.estimation.estimate`
             reads all of a meta-batch's flags at once. An estimator that reports none is still checked through
             its surrogate.
+        steps: by phase name, the inner updates the phase applied (an integer scalar tensor): its cap, or fewer
+            where it stopped on a tolerance.
+        residuals: by phase name, the gradient norm of the phase's objective where it ended (detached).
+        solved: by phase name, a boolean scalar tensor, True when the phase stopped on its tolerance (always False
+            for a phase that runs a fixed number of steps).
     """
 
     surrogate: Tensor
     adapted: Params
     inner_losses: dict[str, Tensor]
     faults: dict[str, Tensor] = field(default_factory=dict)
+    steps: dict[str, Tensor] = field(default_factory=dict)
+    residuals: dict[str, Tensor] = field(default_factory=dict)
+    solved: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_phases(
@@ -45,13 +53,26 @@ class TaskEstimate:
     ) -> TaskEstimate:
         """The estimate of a task learned in ``phases`` (by name, in the order they ran).
 
-        Each phase's final objective becomes its ``inner_losses`` entry, and its fault flag is "not finite", or
-        "not finite or diverged" for the phases named in ``diverged`` (boolean scalar tensors).
+        Each phase's final objective becomes its ``inner_losses`` entry, its steps, residual and solved flag its
+        entries of ``steps``, ``residuals`` and ``solved``, and its fault flag is "not finite", or "not finite or
+        diverged" for the phases named in ``diverged`` (boolean scalar tensors).
         """
         diverged = diverged or {}
         faults = {name: ~phase.finite for name, phase in phases.items()}
         faults.update({name: faults[name] | flag for name, flag in diverged.items()})
-        return cls(surrogate, adapted, {name: phase.loss for name, phase in phases.items()}, faults)
+        return cls(
+            surrogate,
+            adapted,
+            inner_losses={name: phase.loss for name, phase in phases.items()},
+            faults=faults,
+            steps={name: phase.steps for name, phase in phases.items()},
+            residuals={name: phase.residual for name, phase in phases.items()},
+            solved={name: phase.solved for name, phase in phases.items()},
+        )
+
+
+PER_PHASE_FIELDS = ("inner_losses", "faults", "steps", "residuals", "solved")
+"""The :class:`TaskEstimate` fields that hold one tensor per phase name."""
 
 
 def detached(params: Params) -> Params:
@@ -88,13 +109,24 @@ class Estimator(ABC):
         """The narrowest dtype the inner phases and the surrogate may run in (the learner's, if wider, wins)."""
         return torch.float32
 
+    @property
+    def adaptation_tolerance(self) -> float | None:
+        """The gradient norm at which :meth:`adapt` stops before ``adaptation_steps`` (``None``: it never does).
+
+        Only estimators whose estimate assumes a solved inner problem (contrastive, implicit) stop on a tolerance;
+        for MAML, first-order MAML and Reptile the ``adaptation_steps``-step loop is itself the objective.
+        """
+        return None
+
     def check_learner(self, learner: Learner) -> None:
         """Raise ``ValueError`` if this estimator is undefined for ``learner``; all are by default."""
 
     def adapt(self, learner: Learner, meta: Params, support: Split) -> Phase:
         """Learn a task's support set from the learner's start: ``phi* ~ argmin_phi L_in(phi, theta)``.
 
-        First-order and detached from ``meta``: memory is one forward and backward pass.
+        ``adaptation_steps`` steps, or fewer where the phase reaches ``adaptation_tolerance``; the same rule in
+        training (the free phase) and at evaluation, so the learner used at test time solves the problem the
+        estimate assumed. First-order and detached from ``meta``: memory is one forward and backward pass.
         """
         frozen = detached(meta)
         return minimise(
@@ -102,6 +134,7 @@ class Estimator(ABC):
             learner.init_fast(frozen),
             self.adaptation_steps,
             self.inner_optimizer,
+            tolerance=self.adaptation_tolerance,
         )
 
     @abstractmethod

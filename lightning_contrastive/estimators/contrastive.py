@@ -12,7 +12,14 @@ from torch import Tensor
 
 from lightning_contrastive._deprecations import renamed_argument
 from lightning_contrastive.estimators.base import Estimator, TaskEstimate, detached
-from lightning_contrastive.inner import InnerSGD, Phase, check_steps, inside_function_transform, minimise
+from lightning_contrastive.inner import (
+    InnerSGD,
+    Phase,
+    check_steps,
+    check_tolerance,
+    inside_function_transform,
+    minimise,
+)
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Split, Task
 
@@ -56,8 +63,8 @@ class Contrastive(Estimator):
     + L_query(sg phi_0, theta)`` for the symmetric linear nudge, so that ``dS/dtheta`` is the estimate.
 
     Cost: ``inner_steps + nudged_steps`` (one-sided) or ``inner_steps + 2 nudged_steps`` (symmetric)
-    first-order steps, plus one query pass (linear); memory is that of one forward and backward pass, whatever
-    the number of steps.
+    first-order steps, or fewer where the phases reach ``tolerance``, plus one query pass (linear); memory is that
+    of one forward and backward pass, whatever the number of steps.
 
     Args:
         beta: nudging strength, > 0.
@@ -82,6 +89,14 @@ class Contrastive(Estimator):
         precision: the dtype of the phases and of the contrastive difference, at least the learner's:
             ``"float64"`` for a beta so small (below about 1e-3 for float32 models) that the difference of
             float32 losses loses its digits; it costs about twice the time on CPUs.
+        tolerance: stop each phase (free, nudged, and :meth:`adapt` at evaluation) at the first point whose
+            gradient norm ``||d objective / d phi||_2`` is at most this, with ``inner_steps`` / ``nudged_steps`` as
+            caps; ``None`` (default) runs every step. Absolute, not relative: the estimate's error is
+            ``O(delta / beta) + O(beta^2)`` for phases solved to ``delta ~ tolerance / mu`` (``mu`` the inner
+            problem's smallest curvature), the same yardstick for a free phase that starts far from its solution
+            and a nudged one that starts ``O(beta)`` from it; so choose it with beta (``tolerance << beta |g|``).
+            Steps used, residuals and unsolved phases are logged (``inner/<phase>_steps``, ``..._residual``).
+            Not with ``query_subsample``, whose random subsets keep the nudged gradient from settling.
         free_steps: deprecated alias of ``inner_steps`` (its former name), accepted for one release with a
             ``DeprecationWarning``; passing both with different values is a ``ValueError``. Pass ``inner_steps``.
     """
@@ -101,6 +116,7 @@ class Contrastive(Estimator):
         query_subsample: int | None = None,
         divergence_ratio: float = 10.0,
         precision: Precision = "float32",
+        tolerance: float | None = None,
         free_steps: int | None = None,  # when removed: configs and checkpoints saved meanwhile hold free_steps: null
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
@@ -119,6 +135,12 @@ class Contrastive(Estimator):
                     "query_subsample applies only to nudge='full': the linear nudge never evaluates the query set "
                     "inside its nudged phases. Drop query_subsample, or pass nudge='full'."
                 )
+        check_tolerance("tolerance", tolerance)
+        if tolerance is not None and query_subsample is not None:
+            raise ValueError(
+                "tolerance and query_subsample do not go together: a nudged step on a random subset of the queries "
+                "never brings the full objective's gradient norm to a tolerance. Drop one of them."
+            )
         if isinstance(divergence_ratio, bool) or not divergence_ratio > 0:
             raise ValueError(f"divergence_ratio must be > 0; got {divergence_ratio!r}.")
         if precision not in ("float32", "float64"):
@@ -132,10 +154,15 @@ class Contrastive(Estimator):
         self.query_subsample = query_subsample
         self.divergence_ratio = float(divergence_ratio)
         self.precision = precision
+        self.tolerance = None if tolerance is None else float(tolerance)
 
     @property
     def adaptation_steps(self) -> int:
         return self.inner_steps
+
+    @property
+    def adaptation_tolerance(self) -> float | None:
+        return self.tolerance
 
     @property
     def free_steps(self) -> int:
@@ -225,7 +252,9 @@ class Contrastive(Estimator):
         """
 
         def nudged(beta: float) -> Phase:
-            return minimise(objective(beta), free.params, self.nudged_steps, self.nudged_optimizer)
+            return minimise(
+                objective(beta), free.params, self.nudged_steps, self.nudged_optimizer, tolerance=self.tolerance
+            )
 
         plus = nudged(self.beta)
         # The divergence scale |L_in(phi_0)| + beta |L_query(phi_0)|, with the free phase's last objective for

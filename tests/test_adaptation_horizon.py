@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
 horizon = importlib.import_module("benchmarks.diagnostics.adaptation_horizon")
 
 

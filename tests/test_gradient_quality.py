@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ from torch import nn
 from lightning_contrastive import ComplexSynapse, Contrastive, meta_gradient
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
 path_nudge = importlib.import_module("benchmarks.diagnostics.path_nudge")
 
 

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
 suites = importlib.import_module("benchmarks.reproduce.suites")
 configs = importlib.import_module("benchmarks.reproduce.configs")
 running = importlib.import_module("benchmarks.reproduce.cell")

@@ -207,10 +207,17 @@ MUTATIONS = [
         ("tests/learners/test_export.py",),
     ),
     Mutation(
-        "implicit: non-positive curvature not flagged",
+        "implicit: negative curvature not flagged",
         "lightning_contrastive/estimators/implicit.py",
-        "failed = failed | (active & ~(curvature > 0))",
+        "failed = failed | (active & ~(curvature >= -tolerance))",
         "failed = failed",
+        ("tests/estimators/test_implicit.py",),
+    ),
+    Mutation(
+        "implicit: conjugate gradient's fault checks without a rounding margin",
+        "lightning_contrastive/estimators/implicit.py",
+        "margin = ROUNDING_MARGIN * torch.finfo(dtype).eps",
+        "margin = 0.0",
         ("tests/estimators/test_implicit.py",),
     ),
     Mutation(

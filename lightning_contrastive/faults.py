@@ -47,7 +47,7 @@ class InnerFault:
             what = "the estimate is NaN or inf although every inner phase stayed finite"
         elif self.phase == SOLVE:
             what = (
-                "conjugate gradient met non-positive curvature or a growing residual, so phi* is not a minimum of "
+                "conjugate gradient met negative curvature or a growing residual, so phi* is not a minimum of "
                 "L_in and the implicit gradient is meaningless (more inner steps, or Implicit(cg_damping > 0))"
             )
         elif math.isfinite(self.final_objective):

@@ -139,6 +139,11 @@ class MetaLearningModule(pl.LightningModule):
         self.val_episodes = EpisodeMetrics()
         self.test_episodes = EpisodeMetrics()
 
+    def extra_repr(self) -> str:
+        """What ``print(module)`` shows beside the learner (a submodule): the settings that are not modules."""
+        settings = ("estimator", "on_inner_fault", "batched", "cpu_threads", "lr_scheduler_interval")
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in settings)
+
     # ---------------------------------------------------------------- the estimate, outside Lightning
     def meta_gradient(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The estimator's meta-gradient on ``batch``, keyed like ``learner.named_meta_parameters()``.

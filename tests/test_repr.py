@@ -133,11 +133,12 @@ def test_every_estimator_prints_its_settings(name: str) -> None:
     assert all(setting in printed for setting in settings), printed
 
 
-def test_the_module_prints_its_learner() -> None:
+def test_the_module_prints_its_learner_and_its_estimator() -> None:
     learner = ComplexSynapse(Conv4(channels=8), learn_lambda=False)
-    module = MetaLearningModule(learner, Contrastive(beta=0.05))
+    module = MetaLearningModule(learner, Contrastive(beta=0.05), on_inner_fault="skip")
     printed = repr(module)
-    assert printed.startswith("MetaLearningModule(\n")
+    assert printed.startswith("MetaLearningModule(\n  estimator=Contrastive(")
+    assert "beta=0.05" in printed and "on_inner_fault='skip'" in printed
     assert "(learner): ComplexSynapse(\n    loss='cross_entropy', init_lambda=0.5, learn_lambda=False\n" in printed
     assert "(0): Conv2d(1, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)" in printed
 

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_contrastive._repr import settings_repr
 from lightning_contrastive.compat.flavours import check_same_lightning
 from lightning_contrastive.module import MetaLearningModule
 
@@ -26,9 +27,8 @@ class SettingsCallback(Callback):
     """
 
     def __repr__(self) -> str:
-        arguments = inspect.signature(type(self).__init__).parameters
-        settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in list(arguments)[1:])
-        return f"{type(self).__name__}({settings})"
+        arguments = list(inspect.signature(type(self).__init__).parameters)[1:]
+        return settings_repr(self, {name: getattr(self, name) for name in arguments})
 
 
 def check_every_n_steps(every_n_steps: int) -> None:

@@ -14,7 +14,8 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_contrastive.data.episodic import _STREAMS, META_SPLITS, EpisodeSampler, _check_counts, settings_repr
+from lightning_contrastive._repr import settings_repr
+from lightning_contrastive.data.episodic import _STREAMS, META_SPLITS, EpisodeSampler, _check_counts
 
 TaskIndex = int | tuple[int, ...]
 """What a torchmeta meta-dataset is indexed by: a tuple of class indices for a ``CombinationMetaDataset``

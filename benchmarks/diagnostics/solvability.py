@@ -434,8 +434,9 @@ def summarise(records: Sequence[Mapping[str, object]]) -> list[dict[str, str]]:
         row = {"state": state, "network": network, "problem": problem, "solver": solver, "dtype": dtype}
         row["tasks"] = str(len(runs))
         row["r0"] = _spread([float(r["start_residual"]) for r in runs], "{:.3g}")
-        row["Hessian min"] = _spread([float(r["curvature"][0]) for r in runs], "{:.3g}")  # type: ignore[index]
-        row["Hessian max"] = _spread([float(r["curvature"][1]) for r in runs], "{:.3g}")  # type: ignore[index]
+        for end, column in enumerate(("Hessian min", "Hessian max")):
+            values = [r["curvature"][end] for r in runs if r["curvature"] is not None]  # type: ignore[index]
+            row[column] = _spread([float(v) for v in values], "{:.3g}") if values else "n/a"
         for tolerance in TOLERANCES:
             reached = [r["evaluations_to"][str(tolerance)] for r in runs]  # type: ignore[index]
             row[f"evals to {tolerance:g}"] = _reached(reached)
@@ -452,9 +453,17 @@ def summarise(records: Sequence[Mapping[str, object]]) -> list[dict[str, str]]:
 
 
 def _spread(values: Sequence[float], form: str) -> str:
-    if len(values) == 1:
-        return form.format(values[0])
-    return f"{form.format(statistics.fmean(values))} ± {form.format(statistics.stdev(values))}"
+    """``mean ± sd`` over the tasks (the value alone for one task); NaN or infinite values, left by a solve that
+    diverged, are left out and counted."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "diverged"
+    text = (
+        form.format(finite[0])
+        if len(finite) == 1
+        else f"{form.format(statistics.fmean(finite))} ± {form.format(statistics.stdev(finite))}"
+    )
+    return text if len(finite) == len(values) else f"{text} ({len(values) - len(finite)} diverged)"
 
 
 def _reached(evaluations: Sequence[int | None]) -> str:
@@ -605,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 curvatures[where] = (
                     curvature_extremes(problem.loss, problem.start, args.power_iterations)
                     if args.power_iterations
-                    else (math.nan, math.nan)
+                    else None
                 )
             record = {"cell": cell.key(), "task": index, **settings, "curvature": curvatures[where]}
             record.update(run(cell, problem, args.evals))

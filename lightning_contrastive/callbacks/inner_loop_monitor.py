@@ -28,10 +28,13 @@ class PhaseTrace:
         losses: ``(steps,)``: the phase's objective at each step's parameters, before that step's update (the last
             entry is the ``inner/<phase>`` value that the module logs in training).
         residual_grad_norm: ``|d objective / d phi|`` at the phase's final parameters: zero at an exact minimum.
+        steps: the updates the phase applied: its step count, or fewer where it stopped on the estimator's tolerance
+            (after which its ``losses`` stay at the solved value).
     """
 
     losses: Tensor
     residual_grad_norm: Tensor
+    steps: Tensor
 
 
 def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[str, Any]) -> dict[str, PhaseTrace]:
@@ -59,25 +62,29 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
                 learner.init_fast(meta),
                 estimator.adaptation_steps,
                 estimator.inner_optimizer,
+                estimator.adaptation_tolerance,
             )
             per_task.setdefault("free", []).append(trace)
             if isinstance(estimator, Contrastive):
                 for phase, objective in estimator.nudged_objectives(learner, meta, task, free).items():
-                    _, trace = _traced(objective, free, estimator.nudged_steps, estimator.nudged_optimizer)
+                    _, trace = _traced(
+                        objective, free, estimator.nudged_steps, estimator.nudged_optimizer, estimator.tolerance
+                    )
                     per_task.setdefault(phase, []).append(trace)
     return {
         phase: PhaseTrace(
             losses=torch.stack([trace.losses for trace in traces]).mean(0),
             residual_grad_norm=torch.stack([trace.residual_grad_norm for trace in traces]).mean(),
+            steps=torch.stack([trace.steps for trace in traces]).float().mean(),
         )
         for phase, traces in per_task.items()
     }
 
 
 def _traced(
-    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD
+    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD, tolerance: float | None
 ) -> tuple[Params, PhaseTrace]:
-    """One phase of one task by :func:`minimise`: its final parameters, and its trace."""
+    """One phase of one task by :func:`minimise`: its final parameters, and its trace (``steps`` losses long)."""
     losses: list[Tensor] = []
 
     def recorded(params: Params) -> Tensor:
@@ -85,11 +92,12 @@ def _traced(
         losses.append(loss.detach())
         return loss
 
-    final = minimise(recorded, start, steps, optimizer).params
-    at_final = {name: p.detach().requires_grad_() for name, p in final.items()}
+    phase = minimise(recorded, start, steps, optimizer, tolerance=tolerance)
+    losses += losses[-1:] * (steps - len(losses))  # a phase that stopped when solved stays there
+    at_final = {name: p.detach().requires_grad_() for name, p in phase.params.items()}
     residual = torch.autograd.grad(objective(at_final), list(at_final.values()))
     norm = torch.sqrt(sum(g.square().sum() for g in residual))
-    return final, PhaseTrace(losses=torch.stack(losses), residual_grad_norm=norm)  # type: ignore[arg-type]
+    return phase.params, PhaseTrace(losses=torch.stack(losses), residual_grad_norm=norm, steps=phase.steps)  # type: ignore[arg-type]
 
 
 class InnerLoopMonitor(HeldBatchDiagnostic):
@@ -103,6 +111,9 @@ class InnerLoopMonitor(HeldBatchDiagnostic):
 
     - ``inner/<phase>_residual_grad_norm``: ``|d objective / d phi|`` at the end of each phase (``free``,
       ``nudged_pos``, ``nudged_neg``), zero when it converged;
+    - ``inner/<phase>_steps_used``: the updates each phase applied, fewer than its step count where the estimator's
+      ``tolerance`` stopped it (the module logs both for every training batch too: ``inner/<phase>_steps``,
+      ``inner/<phase>_residual``);
     - ``inner/free_residual_over_beta`` (contrastive estimators): the free residual divided by ``beta``, the
       size of the error it causes up to a constant;
     - with a W&B logger, ``inner/loss_curve``: a line plot of each phase's objective against the inner step
@@ -125,6 +136,7 @@ class InnerLoopMonitor(HeldBatchDiagnostic):
         estimator = pl_module.estimator
         self.traces = trace_inner_phases(pl_module.learner, estimator, batch)
         metrics = {f"inner/{phase}_residual_grad_norm": float(t.residual_grad_norm) for phase, t in self.traces.items()}
+        metrics |= {f"inner/{phase}_steps_used": float(t.steps) for phase, t in self.traces.items()}
         if isinstance(estimator, Contrastive):
             metrics["inner/free_residual_over_beta"] = metrics["inner/free_residual_grad_norm"] / estimator.beta
         for logger in trainer.loggers:

@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_contrastive.estimators.base import TaskEstimate, detached
 from lightning_contrastive.estimators.maml import _InnerStepsEstimator
 from lightning_contrastive.faults import SOLVE
-from lightning_contrastive.inner import check_steps
+from lightning_contrastive.inner import check_steps, check_tolerance
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Task
 
@@ -43,6 +43,11 @@ class Implicit(_InnerStepsEstimator):
     sinusoid ReLU MLP (1-40-40-1, lambda 1, lr 0.005) the inner Hessian is indefinite at 70% of tasks after 100
     inner steps (96% after 10), and damping 1 cuts that to 15% (86%): ReLU networks need damping or the skip
     policy with this estimator.
+
+    ``tolerance`` stops the inner phase (in training and in :meth:`adapt`) at the first point whose gradient norm
+    is at most it, with ``inner_steps`` as the cap, as :class:`~lightning_contrastive.Contrastive`'s does: the
+    theorem holds at a solution, so a phase that stops when solved is the estimate's premise made a setting.
+    The phase's steps and residual are reported like the contrastive phases'.
     """
 
     batchable = True  # conjugate gradient runs its fixed number of iterations without reading values on the host
@@ -54,13 +59,20 @@ class Implicit(_InnerStepsEstimator):
         inner_momentum: float = 0.9,
         cg_steps: int = 20,
         cg_damping: float = 0.0,
+        tolerance: float | None = None,
     ) -> None:
         super().__init__(inner_steps, inner_lr, inner_momentum)
         check_steps("cg_steps", cg_steps)
+        check_tolerance("tolerance", tolerance)
         if not cg_damping >= 0:
             raise ValueError(f"cg_damping must be >= 0; got {cg_damping}.")
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
+        self.tolerance = None if tolerance is None else float(tolerance)
+
+    @property
+    def adaptation_tolerance(self) -> float | None:
+        return self.tolerance
 
     def task_estimate(self, learner: Learner, meta: Params, task: Task) -> TaskEstimate:
         phase = self.adapt(learner, meta, task.support)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_contrastive import Contrastive, FirstOrderMAML, MetaLearningModule
+from lightning_contrastive import ComplexSynapse, Contrastive, FirstOrderMAML, MetaLearningModule
 from lightning_contrastive.callbacks import InnerLoopMonitor
 from lightning_contrastive.tasks import Params, split_batch
 
@@ -97,3 +97,20 @@ def test_estimators_without_nudged_phases_trace_their_adaptation(fit, small_modu
     assert set(monitor.traces) == {"free"} and len(monitor.traces["free"].losses) == 7
     assert logged["inner/free_residual_grad_norm"][0] == pytest.approx(expected["free"][1], rel=1e-4)
     assert "inner/free_residual_over_beta" not in logged
+
+
+def test_phases_that_stop_on_the_estimators_tolerance_show_their_steps(fit, small_module, sinusoid_batches) -> None:
+    estimator = Contrastive(beta=0.05, inner_steps=400, nudged_steps=400, inner_lr=0.01, tolerance=0.05)
+    # A smooth network: on the ReLU one momentum SGD stalls at residuals of 0.14-0.3 (the gradient jumps at kinks).
+    learner = ComplexSynapse(nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)), loss="mse", init_lambda=1.0)
+    monitor = InnerLoopMonitor(every_n_steps=1)
+
+    logged = fit(small_module(estimator=estimator, learner=learner), sinusoid_batches(1), [monitor])
+
+    for phase in ("free", "nudged_pos", "nudged_neg"):
+        used = logged[f"inner/{phase}_steps_used"][0]
+        assert 0 < used < 400 and float(monitor.traces[phase].steps) == used
+        assert logged[f"inner/{phase}_residual_grad_norm"][0] <= 0.05
+        assert len(monitor.traces[phase].losses) == 400  # a solved phase's curve stays at its solved value
+    # Training's own free phase stopped by the same rule, on the same batch.
+    assert logged["inner/free_steps"][0] == pytest.approx(logged["inner/free_steps_used"][0])

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from lightning_contrastive import ComplexSynapse, Contrastive, meta_gradient
+from lightning_contrastive import ComplexSynapse, Contrastive, Implicit, meta_gradient
 from lightning_contrastive.data.sinusoid import SinusoidTasks
 from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.tasks import Split, Task
@@ -145,3 +145,20 @@ def test_training_logs_steps_and_residuals_and_warns_once_when_phases_end_unsolv
     assert float(logged["inner/unsolved"]) == 0.0 and float(logged["inner/free_residual_max"]) <= 1e-2
     assert 0 < float(logged["inner/nudged_pos_steps"]) < float(logged["inner/free_steps"]) < 2000
     assert math.isfinite(float(logged["train/query_loss"]))
+
+
+def test_implicit_stops_its_inner_phase_by_the_same_rule(logistic: Problem) -> None:
+    learner, batch, exact = logistic
+    for tolerance, bound in ((1e-3, 1e-1), (1e-9, 1e-7)):
+        estimator = Implicit(inner_steps=CAP, inner_lr=0.1, cg_steps=40, tolerance=tolerance)
+        grads = meta_gradient(learner, estimator, batch)
+        names = beta_scaling.names(grads)
+        found = torch.cat([grads[f"{kind}.{name}"].flatten() for kind in ("omega", "lambda") for name in names])
+        assert float((found - exact).norm() / exact.norm()) < bound
+    (xs, ys), (xq, yq) = batch["train"], batch["test"]
+    result = estimator.task_estimate(
+        learner, dict(learner.named_meta_parameters()), Task(Split(xs[0], ys[0]), Split(xq[0], yq[0]))
+    )
+    assert bool(result.solved["free"]) and 0 < int(result.steps["free"]) < CAP
+    with pytest.raises(ValueError, match="tolerance must be None"):
+        Implicit(tolerance=-1.0)

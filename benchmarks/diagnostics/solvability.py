@@ -30,11 +30,13 @@ query accuracy there, and the CPU time the budget took.
   control that shows what a solver reaches when the problem allows it); and ``no-norm``, which swaps the network
   for its ``none-`` counterpart.
 
-Cost: one gradient evaluation of Conv4-32 on a 20-image support set takes about 20 ms on one CPU thread, so a cell
-of 3 tasks x 400 evaluations about 25 s; the default table (2 states x 3 networks x 5 solvers, and the remedies)
-takes about 25 min of one core, plus about 2 min of meta-training per network the first time. ``--quick`` runs in
-seconds. Results are appended to ``--out`` (JSON lines) as each run ends, and runs already there are skipped, so an
-interrupted table resumes; the markdown table is printed at the end.
+Cost: one gradient evaluation of Conv4-32 on a 20-image support set takes 15-20 ms on one CPU thread, so a cell of
+3 tasks x 400 evaluations about 20-25 s. The default table (2 states x 3 networks x 5 solvers, then 5 remedies x 2
+networks x 2 solvers, then a float64 check: 216 solves) took 36 min of one core on a shared 2-core machine: 25 min
+of solves, 9 min meta-training the five networks' trained starts (once; cached), 2 min of curvature estimates.
+``--quick`` (Conv4-8, one task, 40 evaluations) runs in about 10 s. Results are appended to ``--out`` (JSON lines)
+as each run ends, and runs already there are skipped, so an interrupted table resumes; the markdown table is
+printed at the end (``docs/results/solvability.md`` holds the findings).
 
     OMP_NUM_THREADS=1 python -m benchmarks.diagnostics.solvability --out outputs/solvability.jsonl
 """
@@ -312,7 +314,8 @@ def meta_train(
 
 @dataclass(frozen=True)
 class Problem:
-    """One task's inner problem as a function of the flat fast weights."""
+    """One task's inner problem over the flat fast weights: ``loss(phi)``, the ``start`` ``omega``, the per-weight
+    ``scale`` of the solver's coordinates (``phi = start + scale * z``), and the query ``accuracy`` at a point."""
 
     loss: Callable[[Flat], Tensor]
     start: Flat
@@ -493,7 +496,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     solvers = list(SOLVERS)
     parser.add_argument("--root", type=Path, default=Path(os.environ.get(ROOT_ENV_VAR, DEFAULT_ROOT)))
     parser.add_argument("--states", nargs="+", choices=["untrained", "trained"], default=["untrained", "trained"])
-    parser.add_argument("--nets", nargs="+", default=["batch-relu", "batch-smooth", "instance-relu"])
+    parser.add_argument(
+        "--nets",
+        nargs="+",
+        default=["batch-relu", "batch-smooth", "instance-relu"],
+        help="<batch|instance|none>-<relu|smooth> (default: batch-relu batch-smooth instance-relu)",
+    )
     parser.add_argument("--solvers", nargs="+", choices=solvers, default=solvers)
     parser.add_argument(
         "--remedies",
@@ -501,7 +509,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=[*PROBLEMS[1:], *REMEDY_NETWORK],
         default=[*PROBLEMS[1:], *REMEDY_NETWORK],
     )
-    parser.add_argument("--remedy-nets", nargs="+", default=["batch-relu", "batch-smooth"])
+    parser.add_argument("--remedy-nets", nargs="+", default=["batch-relu", "batch-smooth"], help="networks to remedy")
     parser.add_argument("--remedy-solvers", nargs="+", choices=solvers, default=["sgd-0.05", "lbfgs"])
     parser.add_argument(
         "--float64-solvers",
@@ -513,7 +521,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=3, help="meta-test episodes per cell (default 3)")
     parser.add_argument("--evals", type=int, default=400, help="gradient evaluations per solve (default 400)")
     parser.add_argument("--channels", type=int, default=32, help="Conv4 channels (default 32)")
-    parser.add_argument("--ways", type=int, default=20)
+    parser.add_argument("--ways", type=int, default=20, help="classes per task (default 20)")
     parser.add_argument("--meta-steps", type=int, default=200, help="first-order MAML steps for the trained start")
     parser.add_argument(
         "--checkpoint",

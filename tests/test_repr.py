@@ -14,19 +14,10 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 import lightning_contrastive.callbacks as callbacks
-from lightning_contrastive import (
-    MAML,
-    ComplexSynapse,
-    Contrastive,
-    DualSystem,
-    Estimator,
-    FirstOrderMAML,
-    Implicit,
-    Learner,
-    Reptile,
-)
 from lightning_contrastive.data.omniglot import OmniglotDataModule
 from lightning_contrastive.data.sinusoid import SinusoidDataModule
+from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
+from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.learners.base import ParameterTree
 from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.networks import MLP, Conv4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ from lightning_contrastive import InnerSGD
 from lightning_contrastive.inner import minimise
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))  # ``benchmarks`` imports from the repository root, as ``python -m`` runs it
 solvability = importlib.import_module("benchmarks.diagnostics.solvability")
 Cell, Problem, solve, run = solvability.Cell, solvability.Problem, solvability.solve, solvability.run
 curvature_extremes, markdown, summarise = solvability.curvature_extremes, solvability.markdown, solvability.summarise

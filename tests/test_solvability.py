@@ -4,7 +4,6 @@ solutions, its evaluation count, and its table, end to end on real Omniglot task
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,13 @@ from lightning_contrastive.inner import minimise
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 solvability = importlib.import_module("benchmarks.diagnostics.solvability")
-Cell, Problem, solve, run = solvability.Cell, solvability.Problem, solvability.solve, solvability.run
-curvature_extremes, markdown, summarise = solvability.curvature_extremes, solvability.markdown, solvability.summarise
+solvers = importlib.import_module("benchmarks.diagnostics.solvers")
+omniglot_root = importlib.import_module("benchmarks").omniglot_root
+Cell, Problem, run = solvability.Cell, solvability.Problem, solvability.run
+solve, curvature_extremes = solvers.solve, solvers.curvature_extremes
+markdown, summarise = solvability.markdown, solvability.summarise
 
-OMNIGLOT = Path(os.environ.get(solvability.ROOT_ENV_VAR, solvability.DEFAULT_ROOT))
+OMNIGLOT = omniglot_root()
 
 
 def quadratic(eigenvalues: list[float], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +43,7 @@ def ridge(x: torch.Tensor) -> torch.Tensor:
 
 def test_lbfgs_reaches_a_tiny_residual_at_the_closed_form_solution() -> None:
     """Under 100 evaluations, line search included, where gradient descent at ``1/L`` would need about 1400."""
-    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvability.lbfgs(), 150)
+    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvers.lbfgs(), 150)
     reached = trace.evaluations_to(1e-6)
     assert reached is not None and reached < 100
     assert trace.late_drift(torch.zeros(30, dtype=torch.float64)) < 1e-4  # settled in the first half of the budget
@@ -52,7 +54,7 @@ def test_lbfgs_reaches_a_tiny_residual_at_the_closed_form_solution() -> None:
 def test_nesterov_with_restart_converges_linearly_on_a_strongly_convex_problem() -> None:
     """At ``lr = 1/L`` the restarted method needs ``O(sqrt(kappa) log(1/eps))`` steps; plain gradient descent at the
     same rate would need ``kappa log(1/eps)``, about 1400 for 1e-6 here."""
-    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvability.nesterov_restart(0.01), 400)
+    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvers.nesterov_restart(0.01), 400)
     reached = trace.evaluations_to(1e-6)
     assert reached is not None and reached < 400
 
@@ -60,15 +62,15 @@ def test_nesterov_with_restart_converges_linearly_on_a_strongly_convex_problem()
 def test_momentum_sgd_is_the_librarys_inner_loop() -> None:
     """After ``n`` evaluations the last point is ``minimise``'s after ``n - 1`` steps of the same ``InnerSGD``."""
     start = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    trace = solve(ridge, start, solvability.momentum_sgd(0.01, 0.9), 25)
+    trace = solve(ridge, start, solvers.momentum_sgd(0.01, 0.9), 25)
     phase = minimise(lambda params: ridge(params["x"]), {"x": start}, 24, InnerSGD(0.01, 0.9))
     assert trace.last_point is not None
     torch.testing.assert_close(trace.last_point, phase.params["x"])
 
 
-@pytest.mark.parametrize("name", list(solvability.SOLVERS))
+@pytest.mark.parametrize("name", list(solvers.SOLVERS))
 def test_every_solver_spends_exactly_its_budget(name: str) -> None:
-    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvability.SOLVERS[name], 37)
+    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvers.SOLVERS[name], 37)
     assert len(trace.residuals) == len(trace.losses) == len(trace.seconds) == 37
     assert trace.residuals[0] == pytest.approx(float(VECTOR.norm()))
 
@@ -77,7 +79,7 @@ def test_a_change_of_coordinates_keeps_the_residual_in_the_fast_weights() -> Non
     """Solving in ``z`` with ``phi = start + scale * z`` reaches the same minimiser, and the residual recorded is
     the gradient norm in ``phi`` (at the start, ``||b||`` whatever the scale)."""
     scale = torch.linspace(0.5, 3.0, 30, dtype=torch.float64)
-    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvability.lbfgs(), 300, scale)
+    trace = solve(ridge, torch.zeros(30, dtype=torch.float64), solvers.lbfgs(), 300, scale)
     assert trace.residuals[0] == pytest.approx(float(VECTOR.norm()))
     assert trace.evaluations_to(1e-6) is not None
     assert trace.last_point is not None  # within residual / smallest eigenvalue of the solution
@@ -114,7 +116,7 @@ def test_quick_mode_runs_every_solver_and_remedy_on_real_tasks_and_resumes(tmp_p
     lines = table.splitlines()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     cells = {(row[1], row[2], row[3], row[4]) for row in rows}
-    assert {("batch-relu", "reference", solver, "float32") for solver in solvability.SOLVERS} <= cells
+    assert {("batch-relu", "reference", solver, "float32") for solver in solvers.SOLVERS} <= cells
     assert {("batch-relu", "own-scale", "lbfgs", "float32"), ("none-relu", "reference", "lbfgs", "float32")} <= cells
     assert ("batch-relu", "reference", "lbfgs", "float64") in cells
     assert all(len(row) == len(lines[0].strip("|").split("|")) for row in rows)

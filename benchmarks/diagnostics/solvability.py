@@ -46,22 +46,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from lightning_contrastive import ComplexSynapse, FirstOrderMAML, InnerSGD, Split, Task, estimate, split_batch
+from benchmarks import omniglot_root
+from benchmarks.diagnostics.solvers import (
+    SOLVERS,
+    Flat,
+    curvature_extremes,
+    solve,
+)
+from lightning_contrastive import ComplexSynapse, FirstOrderMAML, Split, Task, estimate, split_batch
 from lightning_contrastive.data import OmniglotDataModule
 from lightning_contrastive.networks import Conv4
 
-ROOT_ENV_VAR = "LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT"
-DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared/data/omniglot"
 PULL = 0.5
 """The fixed strength ``lambda`` of the authors' Omniglot runs."""
 STRONG_PULL = 5.0
@@ -69,197 +73,6 @@ STRONG_PULL = 5.0
 PROBLEMS = ("reference", "own-scale", "strong-pull", "fixed-readout", "readout-only")
 TOLERANCES = (1e-1, 1e-2, 1e-3)
 """Residuals relative to the start that the table reports the evaluations to."""
-
-Flat = Tensor
-"""All fast weights of one task as one vector."""
-Evaluate = Callable[[Flat], tuple[Tensor, Flat]]
-"""A counted objective: the point's ``L_in`` and gradient (raises :class:`BudgetSpent` after the last one)."""
-
-
-class BudgetSpent(Exception):  # noqa: N818 (a signal that ends every solver's loop, not an error)
-    """Raised by the counted objective once it has made its budget of gradient evaluations."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Solvers: each runs until the counted objective raises BudgetSpent. They move in the coordinates ``z`` of the
-# problem (``phi = start + scale * z``), where the objective's gradient is ``scale * dL/dphi``.
-
-
-def momentum_sgd(lr: float, momentum: float = 0.9) -> Callable[[Evaluate, Flat], None]:
-    """The library's inner optimizer, :class:`~lightning_contrastive.InnerSGD`, one step per evaluation."""
-    optimizer = InnerSGD(lr, momentum)
-
-    def run(evaluate: Evaluate, z: Flat) -> None:
-        velocity = [torch.zeros_like(z)]
-        while True:
-            _, gradient = evaluate(z)
-            optimizer.update_([z], [gradient], velocity)
-
-    return run
-
-
-def lbfgs(history: int = 20) -> Callable[[Evaluate, Flat], None]:
-    """``torch.optim.LBFGS`` with a strong-Wolfe line search and no stopping test of its own (the budget stops it)."""
-
-    def run(evaluate: Evaluate, z: Flat) -> None:
-        z.requires_grad_()
-        optimizer = torch.optim.LBFGS(
-            [z],
-            lr=1.0,
-            max_iter=1_000_000,
-            max_eval=1_000_000,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-            history_size=history,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> Tensor:
-            loss, gradient = evaluate(z.detach())
-            z.grad = gradient
-            return loss
-
-        while True:  # a step returns early only when its direction is no descent direction; it then restarts
-            optimizer.step(closure)
-
-    return run
-
-
-def nesterov_restart(lr: float) -> Callable[[Evaluate, Flat], None]:
-    """Nesterov's accelerated gradient ``x_k = y - lr g(y)``, ``y <- x_k + k / (k + 3) (x_k - x_(k-1))``, with the
-    adaptive gradient restart of O'Donoghue and Candes (2015): ``k`` returns to 0 whenever ``g(y) . (x_k - x_(k-1))
-    > 0`` (the momentum points uphill). It needs no function values, so each step costs one evaluation."""
-
-    def run(evaluate: Evaluate, z: Flat) -> None:
-        previous, look_ahead, k = z.clone(), z, 0
-        while True:
-            _, gradient = evaluate(look_ahead)
-            current = look_ahead - lr * gradient
-            k = 0 if float(gradient @ (current - previous)) > 0 else k + 1
-            look_ahead = current + k / (k + 3) * (current - previous)
-            previous = current
-            z.copy_(current)
-
-    return run
-
-
-def adam(lr: float) -> Callable[[Evaluate, Flat], None]:
-    """``torch.optim.Adam`` at a fixed learning rate, one step per evaluation."""
-
-    def run(evaluate: Evaluate, z: Flat) -> None:
-        z.requires_grad_()
-        optimizer = torch.optim.Adam([z], lr=lr)
-        while True:
-            _, z.grad = evaluate(z.detach())
-            optimizer.step()
-
-    return run
-
-
-SOLVERS: dict[str, Callable[[Evaluate, Flat], None]] = {
-    "sgd-0.01": momentum_sgd(0.01),
-    "sgd-0.05": momentum_sgd(0.05),
-    "lbfgs": lbfgs(),
-    "nesterov-0.01": nesterov_restart(0.01),
-    "adam-0.001": adam(1e-3),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One solve, with every evaluation recorded.
-
-
-@dataclass
-class Trace:
-    """What a solve evaluated: per evaluation, the residual ``||dL/dphi||``, ``L_in`` and the CPU seconds so far;
-    and the points evaluated last and half-way through the budget."""
-
-    residuals: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    last_point: Flat | None = None
-    halfway_point: Flat | None = None
-
-    def late_drift(self, start: Flat) -> float:
-        """How far the second half of the budget moved the point, relative to how far the whole solve moved it:
-        ``||phi_N - phi_(N/2)|| / ||phi_N - phi_0||``. Small when the iterates have settled, even where the
-        residual has not fallen (a minimum on a ReLU or max-pool kink, where the gradient does not vanish)."""
-        assert self.last_point is not None and self.halfway_point is not None
-        return float((self.last_point - self.halfway_point).norm() / (self.last_point - start).norm())
-
-    def evaluations_to(self, ratio: float) -> int | None:
-        """The number of evaluations up to the first point with residual ``<= ratio x`` the start's, or None."""
-        bound = ratio * self.residuals[0]
-        return next((i + 1 for i, r in enumerate(self.residuals) if r <= bound), None)
-
-
-def solve(
-    loss: Callable[[Flat], Tensor],
-    start: Flat,
-    solver: Callable[[Evaluate, Flat], None],
-    evaluations: int,
-    scale: Flat | None = None,
-) -> Trace:
-    """Run ``solver`` on ``loss`` from ``start`` for ``evaluations`` gradient evaluations and return the trace.
-
-    The solver works on ``z`` with ``phi = start + scale * z`` (``scale`` 1 by default); the residual recorded is
-    always the Euclidean gradient norm in ``phi``.
-    """
-    if evaluations < 1:
-        raise ValueError(f"evaluations must be >= 1; got {evaluations}.")
-    scale = torch.ones_like(start) if scale is None else scale
-    trace = Trace()
-    began = time.process_time()
-
-    def evaluate(z: Flat) -> tuple[Tensor, Flat]:
-        point = (start + scale * z.detach()).requires_grad_()
-        value = loss(point)
-        (gradient,) = torch.autograd.grad(value, point)
-        trace.residuals.append(float(gradient.norm()))
-        trace.losses.append(float(value.detach()))
-        trace.seconds.append(time.process_time() - began)
-        trace.last_point = point.detach()
-        if len(trace.residuals) == (evaluations + 1) // 2:
-            trace.halfway_point = trace.last_point
-        if len(trace.residuals) >= evaluations:
-            raise BudgetSpent
-        return value.detach(), scale * gradient
-
-    try:
-        with torch.enable_grad():
-            solver(evaluate, torch.zeros_like(start))
-    except BudgetSpent:
-        pass
-    return trace
-
-
-def curvature_extremes(loss: Callable[[Flat], Tensor], at: Flat, iterations: int, seed: int = 0) -> tuple[float, float]:
-    """The lowest and highest Hessian eigenvalues of ``loss`` at ``at``, by power iteration (``iterations``
-    Hessian-vector products each): first on ``H``, which finds the eigenvalue ``m`` of largest magnitude, then on
-    ``H - m I``, which finds the other end of the spectrum. A negative lowest one means the problem is not convex
-    there (the pull does not dominate the loss's negative curvature)."""
-    point = at.detach().requires_grad_()
-    with torch.enable_grad():
-        (gradient,) = torch.autograd.grad(loss(point), point, create_graph=True)
-    generator = torch.Generator().manual_seed(seed)
-
-    def largest(shift: float) -> float:
-        vector, quotient = torch.randn(at.shape, generator=generator, dtype=at.dtype), math.nan
-        for _ in range(iterations):
-            vector = vector / vector.norm()
-            (product,) = torch.autograd.grad(gradient, point, vector, retain_graph=True)
-            product = product - shift * vector
-            quotient = float(product @ vector)
-            vector = product.detach()
-        return quotient + shift
-
-    first = largest(0.0)
-    second = largest(first)
-    return min(first, second), max(first, second)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Networks, start states and problems.
 
 
 def build_network(name: str, channels: int, ways: int, seed: int) -> nn.Module:
@@ -494,7 +307,7 @@ def markdown(rows: Sequence[Mapping[str, str]]) -> str:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     solvers = list(SOLVERS)
-    parser.add_argument("--root", type=Path, default=Path(os.environ.get(ROOT_ENV_VAR, DEFAULT_ROOT)))
+    parser.add_argument("--root", type=Path, default=omniglot_root())
     parser.add_argument("--states", nargs="+", choices=["untrained", "trained"], default=["untrained", "trained"])
     parser.add_argument(
         "--nets",

@@ -10,7 +10,7 @@ per task (free and nudged), without backpropagating through the inner loop. The 
 on 600 unseen tasks (after adapting to each task's 10 support points) before and after meta-training.
 
 The trained figure depends on the seed and, through floating-point rounding that 800 meta-steps amplify, on the
-CPU: the README gives the spread measured over seeds and machines.
+CPU: docs/getting-started/quickstart.md gives the spread measured over seeds and machines.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class ThreadPolicy:
     that many; ``None``: torch's setting, untouched. Why one: the inner loops are long chains of small operations,
     which extra threads slow down on a loaded CPU: on 2 busy cores a sinusoid MLP meta-step took 2.1-2.3 s with
     torch's default (2 threads) against 0.16-0.29 s with one, a 32-channel Conv4 step 1.7-11 s against 0.4-0.9 s
-    (README, "Threads").
+    (``docs/guide/inner-loop.md``, "CPU threads").
     """
 
     def __init__(self, cpu_threads: CpuThreads = "auto") -> None:

@@ -118,7 +118,8 @@ def test_fit_validate_test_and_resume_with_each_packages_trainer(flavour: Flavou
 
 @pytest.mark.parametrize("ours", list(FLAVOURS))
 def test_a_module_of_the_other_package_is_refused_by_the_trainer(ours: str, tmp_path: Path) -> None:
-    """Lightning rejects it before any hook of ours runs; this is the message users see (README, "Which import")."""
+    """Lightning rejects it before any hook of ours runs; this is the message users see
+    (``docs/getting-started/installation.md``)."""
     other = FLAVOURS["lightning" if ours == "pytorch_lightning" else "pytorch_lightning"]
     with pytest.raises(TypeError, match=r"`model` must be a `LightningModule`.*got `MetaLearningModule`"):
         trainer(other, tmp_path, 1).fit(tiny_module(FLAVOURS[ours]), tiny_data(other))

@@ -7,7 +7,7 @@ Meta-trains the quickstart's complex synapse (1-40-40-1 MLP, sinusoid 10-shot, 8
 steps at inner lr 0.005, Adam 3e-3, seed 0) once per setting given on the command line, each in this process in
 turn on one thread, and prints one JSON line per setting: the meta-test MSE on the 600 fixed episodes with its 95%
 interval, the meta-training CPU time and the tasks skipped for inner-loop faults. The evidence behind
-``Contrastive()``'s defaults (RESULTS.md, "Defaults").
+``Contrastive()``'s defaults (``docs/reproduce/findings.md``, "Defaults").
 
     python -m benchmarks.diagnostics.nudge_settings linear:10:0.03 full:10:0.03 linear:20:0.03 full:20:0.03
 """

@@ -30,7 +30,7 @@ Three groups of suites (``--only`` takes groups and suite names):
     python -m benchmarks.reproduce --only omniglot_20way_long --learners complex_synapse \
         --estimators contrastive_linear --set=--trainer.gradient_clip_val=1.0 --out benchmarks/results/clip1
     python -m benchmarks.reproduce --only omniglot_20way_long --estimators maml --keep-checkpoints
-    python -m benchmarks.reproduce --report                 # RESULTS.md and docs/ figures from the JSONs
+    python -m benchmarks.reproduce --report                 # docs/results/reproduction.md and figures
     python -m benchmarks.reproduce --smoke --out benchmarks/results/smoke  # everything tiny: the orchestration
     python -m benchmarks.reproduce --write-configs          # regenerate configs/reproduce/ from SUITES
 

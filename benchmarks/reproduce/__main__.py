@@ -55,12 +55,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="keep each cell's checkpoint at every curve point, as <cell>.step=<N>.ckpt under --out",
     )
-    parser.add_argument("--report", action="store_true", help="render RESULTS.md, the figure and the merged JSON only")
-    parser.add_argument("--results-md", type=Path, default=REPOSITORY / "RESULTS.md")
+    parser.add_argument(
+        "--report", action="store_true", help="render the results page, the figures and the merged JSON only"
+    )
+    parser.add_argument(
+        "--results-md", type=Path, default=REPOSITORY / "docs" / "results" / "reproduction.md", help="the results page"
+    )
     parser.add_argument("--figure", type=Path, default=REPOSITORY / "docs" / "reproduce_accuracy.png")
     parser.add_argument("--merged-json", type=Path, default=REPOSITORY / "docs" / "reproduce" / "results.json")
     parser.add_argument(
-        "--findings", type=Path, default=REPOSITORY / "docs" / "reproduce" / "findings.md", help="hand-written notes"
+        "--findings",
+        type=Path,
+        default=None,
+        help="hand-written notes to include in the page (the findings are linked)",
     )
     parser.add_argument("--variants", type=Path, nargs="*", default=[], help="--out folders of runs with --set")
     parser.add_argument("--write-configs", action="store_true", help="regenerate configs/reproduce/ and exit")

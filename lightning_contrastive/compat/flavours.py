@@ -27,7 +27,7 @@ whichever Trainer runs it. Hence:
 
 Each flavour imports only its own Lightning package, so either works with only that package installed. A mix that
 cannot work: a foreign *module* or *data module* is rejected by the Trainer itself, before any of our code runs
-(``TypeError: `model` must be a `LightningModule` ..., got `MetaLearningModule```, or ``ValueError: Expected a
+(``TypeError: `model` must be a `LightningModule` ..., got MetaLearningModule``, or ``ValueError: Expected a
 parent`` for a data module); our callbacks check the module they are given at ``setup`` and raise
 :func:`check_same_lightning`'s ``TypeError``, which names the import to use instead.
 """

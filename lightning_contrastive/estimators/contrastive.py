@@ -71,9 +71,9 @@ class Contrastive(Estimator):
         symmetric: nudge at ``+beta`` and ``-beta`` (lower bias) instead of ``+beta`` only.
         inner_steps: inner steps of the free phase (also the steps of :meth:`adapt`).
         nudged_steps: inner steps of each nudged phase; ``None`` (default) takes ``inner_steps``. Measured
-            (RESULTS.md, "Defaults"): as long as the free phase was better in five of the eight comparisons
-            (Omniglot 20-way, linear nudge, 250 meta-steps: 74.4% against 64.2% with half as many), but on the
-            sinusoid quickstart half as many won clearly (MSE 0.61 against 3.00): worth tuning per problem.
+            (``docs/reproduce/findings.md``, "Defaults"): as long as the free phase was better in five of the eight
+            comparisons (Omniglot 20-way, linear nudge, 250 meta-steps: 74.4% against 64.2% with half as many), but on
+            the sinusoid quickstart half as many won clearly (MSE 0.61 against 3.00): worth tuning per problem.
         nudge: ``"linear"`` (query gradient frozen at ``phi_0``) or ``"full"`` (the query loss itself).
         inner_lr: learning rate of the free phase.
         inner_momentum: momentum of every phase.

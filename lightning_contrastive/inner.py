@@ -221,7 +221,8 @@ class _Stopping:
         self.tolerance = tolerance
         self.cap = steps
         self.solved = torch.zeros((), dtype=torch.bool, device=like.device)
-        self.applied = torch.zeros((), dtype=torch.long, device=like.device)
+        # Without a tolerance every step is applied: the count is known up front, no per-step tensor op needed.
+        self.applied = torch.full((), 0 if tolerance is not None else steps, dtype=torch.long, device=like.device)
         self.residual = torch.zeros((), dtype=like.dtype, device=like.device)
 
     def observe(self, grads: Sequence[Tensor], step: int) -> Tensor | None:
@@ -229,7 +230,6 @@ class _Stopping:
         if self.tolerance is None:
             if step == self.cap - 1:
                 self.residual = _norm(grads)
-            self.applied = self.applied + 1
             return None
         residual = _norm(grads)
         # A solved phase's gradient is zeroed, so its residual is kept from the step that solved it.

@@ -24,10 +24,13 @@ class MovedModule(ModuleType):
     def __init__(self, old: str, new: ModuleType) -> None:
         super().__init__(old, f"Deprecated: the old path of :mod:`{new.__name__}`.")
         self._moved_to = new
+        # ``from <old path> import *`` gives what the old module gave.
+        self.__all__ = getattr(new, "__all__", [name for name in vars(new) if not name.startswith("_")])
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        value = getattr(self._moved_to, name)  # a name the module never had is a plain AttributeError, no warning
         new = self._moved_to.__name__
         warnings.warn(
             f"The module {self.__name__} is deprecated and will be removed in the next release: it is now {new}. "
@@ -35,7 +38,7 @@ class MovedModule(ModuleType):
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(self._moved_to, name)
+        return value
 
     def __dir__(self) -> list[str]:
         return dir(self._moved_to)

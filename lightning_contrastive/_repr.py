@@ -32,5 +32,8 @@ def _short_repr(value: Any) -> str:
             return f"[{', '.join(items)}]"
         return f"({', '.join(items)}{',' if len(value) == 1 else ''})"
     if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and hasattr(value, "__getitem__"):
-        return f"<{type(value).__name__} of {len(value)} items>"  # a dataset
+        try:
+            return f"<{type(value).__name__} of {len(value)} items>"  # a dataset
+        except (TypeError, OverflowError):  # a 0-d array, or a length beyond sys.maxsize: never fail a repr
+            return f"<{type(value).__name__}>"
     return repr(value)

@@ -231,18 +231,22 @@ def training_metrics(learner: Learner, estimator: Estimator, result: MetaEstimat
     metrics = {f"train/{name}": values.mean() for name, values in per_episode.items()}
     for phase in result.tasks[0].inner_losses:
         metrics[f"inner/{phase}"] = torch.stack([task.inner_losses[phase] for task in result.tasks]).mean()
-        for name, field in (("steps", "steps"), ("residual", "residuals")):
+    for name, field in (("steps", "steps"), ("residual", "residuals")):
+        for phase in getattr(result.tasks[0], field):  # empty for an estimator that builds its own TaskEstimate
             values = torch.stack([getattr(task, field)[phase] for task in result.tasks]).float()
             metrics[f"inner/{phase}_{name}"] = values.mean()
             metrics[f"inner/{phase}_{name}_max"] = values.max()
-    if estimator.adaptation_tolerance is not None:
-        metrics["inner/unsolved"] = unsolved_phases(result).float().mean()
+    unsolved = unsolved_phases(result)
+    if estimator.adaptation_tolerance is not None and unsolved.numel():
+        metrics["inner/unsolved"] = unsolved.float().mean()
     return metrics
 
 
 def unsolved_phases(result: MetaEstimate) -> Tensor:
-    """One boolean per phase of every kept task: True where the phase reached its cap before its tolerance."""
-    return torch.stack([~solved for task in result.tasks for solved in task.solved.values()])
+    """One boolean per reported phase of every kept task: True where the phase reached its cap before its tolerance
+    (empty where the estimator reports no phases)."""
+    flags = [~solved for task in result.tasks for solved in task.solved.values()]
+    return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
 UNSOLVED_WARNING_SHARE = 0.1
@@ -259,6 +263,10 @@ class UnsolvedPhaseWarning:
 
     def __init__(self, minimum_phases: int = 20) -> None:
         self.minimum_phases = minimum_phases
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting afresh: at the start of every ``fit``."""
         self.phases = 0
         self.unsolved = 0
         self.warned = False
@@ -267,7 +275,7 @@ class UnsolvedPhaseWarning:
         """Count ``result``'s phases (when ``estimator`` stops on a tolerance) and warn if the share is too high."""
         if estimator.adaptation_tolerance is None or self.warned or not result.tasks:
             return
-        flags = unsolved_phases(result)
+        flags = unsolved_phases(result)  # one host read per meta-step, only while a tolerance is set
         self.phases += flags.numel()
         self.unsolved += int(flags.sum())
         if self.phases >= self.minimum_phases and self.unsolved > UNSOLVED_WARNING_SHARE * self.phases:

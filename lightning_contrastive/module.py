@@ -182,8 +182,11 @@ class MetaLearningModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- threads
     def setup(self, stage: str) -> None:
-        """Apply the ``cpu_threads`` policy for this run (on the CPU only)."""
+        """Apply the ``cpu_threads`` policy for this run (on the CPU only); a ``fit`` counts unsolved phases afresh."""
+        if stage == "fit":
+            self.unsolved_phases.reset()
         if self.trainer.strategy.root_device.type == "cpu":
+            self._threads = ThreadPolicy(self.cpu_threads)  # as set now, should it have changed since __init__
             self._threads.apply()
 
     def teardown(self, stage: str) -> None:

@@ -27,8 +27,10 @@ class SettingsCallback(Callback):
     """
 
     def __repr__(self) -> str:
-        arguments = list(inspect.signature(type(self).__init__).parameters)[1:]
-        return settings_repr(self, {name: getattr(self, name) for name in arguments})
+        # A subclass may take ``**kwargs`` or keep an argument under another name: those are left out, not fatal.
+        arguments = list(inspect.signature(type(self).__init__).parameters.values())[1:]
+        named = (p.name for p in arguments if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        return settings_repr(self, {name: getattr(self, name) for name in named if hasattr(self, name)})
 
 
 def check_every_n_steps(every_n_steps: int) -> None:

@@ -50,7 +50,7 @@ class Implicit(_InnerStepsEstimator):
     The phase's steps and residual are reported like the contrastive phases'.
     """
 
-    batchable = True  # conjugate gradient runs its fixed number of iterations without reading values on the host
+    batchable = True  # CG runs its fixed iterations with no host read; a tolerance reads one batch-wide flag
 
     def __init__(
         self,

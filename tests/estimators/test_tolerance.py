@@ -162,3 +162,19 @@ def test_implicit_stops_its_inner_phase_by_the_same_rule(logistic: Problem) -> N
     assert bool(result.solved["free"]) and 0 < int(result.steps["free"]) < CAP
     with pytest.raises(ValueError, match="tolerance must be None"):
         Implicit(tolerance=-1.0)
+
+
+def test_training_metrics_of_an_estimator_that_reports_no_phases() -> None:
+    """A custom estimator may build its TaskEstimate by hand, with no steps, residuals or solved flags."""
+    from lightning_contrastive.estimation import MetaEstimate
+    from lightning_contrastive.estimators.base import TaskEstimate
+    from lightning_contrastive.evaluation import training_metrics, unsolved_phases
+
+    learner = smooth_learner()
+    meta = dict(learner.named_meta_parameters())
+    task = Task(Split(torch.randn(5, 1), torch.randn(5, 1)), Split(torch.randn(5, 1), torch.randn(5, 1)))
+    fast = learner.init_fast(meta)
+    by_hand = TaskEstimate(learner.query_loss(fast, meta, task.query), fast, {"free": torch.tensor(1.0)})
+    result = MetaEstimate(by_hand.surrogate, [by_hand], [0], [], [task])
+    metrics = training_metrics(learner, Contrastive(tolerance=1e-3), result)
+    assert set(metrics) == {"train/query_loss", "inner/free"} and unsolved_phases(result).numel() == 0

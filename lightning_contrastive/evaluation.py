@@ -236,8 +236,8 @@ def training_metrics(learner: Learner, estimator: Estimator, result: MetaEstimat
             values = torch.stack([getattr(task, field)[phase] for task in result.tasks]).float()
             metrics[f"inner/{phase}_{name}"] = values.mean()
             metrics[f"inner/{phase}_{name}_max"] = values.max()
-    unsolved = unsolved_phases(result)
-    if estimator.adaptation_tolerance is not None and unsolved.numel():
+    unsolved = unsolved_phases(result) if estimator.adaptation_tolerance is not None else None
+    if unsolved is not None and unsolved.numel():
         metrics["inner/unsolved"] = unsolved.float().mean()
     return metrics
 

@@ -162,7 +162,7 @@ def _minimise_first_order(
         moving = stop.observe(grads, step)
         if moving is not None:  # a solved phase's gradient and velocity are zeroed: it stays where it was solved
             torch._foreach_mul_(velocity, moving)
-            grads = torch._foreach_mul(grads, moving)
+            torch._foreach_mul_(grads, moving)  # autograd's fresh tensors: scaled in place, no allocation per step
         optimizer.update_(leaves, grads, velocity)
         if stop.all_solved(step):
             break

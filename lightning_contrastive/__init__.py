@@ -13,7 +13,7 @@ from lightning_contrastive._deprecations import MovedModule
 from lightning_contrastive.estimation import MetaEstimate, estimate, meta_gradient
 from lightning_contrastive.estimators import MAML, Contrastive, Estimator, FirstOrderMAML, Implicit, Reptile
 from lightning_contrastive.faults import InnerFault, InnerLoopError
-from lightning_contrastive.inner import InnerSGD
+from lightning_contrastive.inner import InnerLBFGS, InnerSGD
 from lightning_contrastive.learners import ComplexSynapse, DualSystem, Learner
 from lightning_contrastive.tasks import Split, Task, split_batch
 
@@ -29,6 +29,7 @@ __all__ = [
     "FirstOrderMAML",
     "Implicit",
     "InnerFault",
+    "InnerLBFGS",
     "InnerLoopError",
     "InnerSGD",
     "Learner",

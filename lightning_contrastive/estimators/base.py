@@ -5,12 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_contrastive.inner import InnerSGD, Phase, minimise
+from lightning_contrastive.inner import InnerLBFGS, InnerSGD, Phase, minimise
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.tasks import Params, Split, Task
 
@@ -75,6 +75,22 @@ PER_PHASE_FIELDS = ("inner_losses", "faults", "steps", "residuals", "solved")
 """The :class:`TaskEstimate` fields that hold one tensor per phase name."""
 
 
+Solver = Literal["sgd", "lbfgs"]
+"""The inner solvers an estimator that solves its phases can use: momentum SGD or lockstep L-BFGS."""
+
+
+def inner_solver(solver: Solver, lr: float, momentum: float) -> InnerSGD | InnerLBFGS:
+    """The inner optimizer named ``solver``: ``InnerSGD(lr, momentum)``, or ``InnerLBFGS(lr)`` (whose first step is
+    ``-lr g``; it has no momentum, so ``momentum`` is ignored)."""
+    if solver == "sgd":
+        return InnerSGD(lr, momentum)
+    if solver == "lbfgs":
+        return InnerLBFGS(lr)
+    raise ValueError(
+        f'solver must be "sgd" (momentum SGD) or "lbfgs" (lockstep L-BFGS, for phases that are solves); got {solver!r}.'
+    )
+
+
 def detached(params: Params) -> Params:
     """``sg(params)``: the same values, cut from the graph."""
     return {name: p.detach() for name, p in params.items()}
@@ -85,7 +101,9 @@ class Estimator(ABC):
 
     Every estimator learns the task with the same inner optimizer, :class:`~lightning_contrastive.inner.InnerSGD`
     (``inner_lr``, ``inner_momentum``, with identical defaults everywhere), starting from
-    ``learner.init_fast(theta)`` and minimising ``learner.inner_loss`` on the support set.
+    ``learner.init_fast(theta)`` and minimising ``learner.inner_loss`` on the support set; those whose estimate
+    assumes a solved inner problem (contrastive, implicit) may solve it with
+    :class:`~lightning_contrastive.inner.InnerLBFGS` instead (``solver="lbfgs"``).
     """
 
     batchable: ClassVar[bool] = False
@@ -97,7 +115,7 @@ class Estimator(ABC):
     """
 
     def __init__(self, inner_lr: float = 0.01, inner_momentum: float = 0.9) -> None:
-        self.inner_optimizer = InnerSGD(inner_lr, inner_momentum)
+        self.inner_optimizer: InnerSGD | InnerLBFGS = InnerSGD(inner_lr, inner_momentum)
 
     @property
     @abstractmethod

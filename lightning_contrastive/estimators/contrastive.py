@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from lightning_contrastive._deprecations import renamed_argument
-from lightning_contrastive.estimators.base import Estimator, TaskEstimate, detached
+from lightning_contrastive.estimators.base import Estimator, Solver, TaskEstimate, detached, inner_solver
 from lightning_contrastive.inner import (
-    InnerSGD,
     Phase,
     check_steps,
     check_tolerance,
@@ -97,6 +96,13 @@ class Contrastive(Estimator):
             and a nudged one that starts ``O(beta)`` from it; so choose it with beta (``tolerance << beta |g|``).
             Steps used, residuals and unsolved phases are logged (``inner/<phase>_steps``, ``..._residual``).
             Not with ``query_subsample``, whose random subsets keep the nudged gradient from settling.
+        solver: ``"sgd"`` (default): momentum SGD (``inner_lr``, ``inner_momentum``) in every phase; ``"lbfgs"``:
+            :class:`~lightning_contrastive.inner.InnerLBFGS` in every phase (free, nudged, :meth:`adapt`), first-order
+            and vmappable, its first step ``-inner_lr g`` (``-nudged_lr g`` in the nudged phases) and
+            ``inner_momentum`` ignored; ``inner_steps`` and ``nudged_steps`` then count gradient evaluations. The
+            phases are solves, so any solver that reaches the minimum gives the same estimate; L-BFGS gets there in
+            fewer evaluations on smooth problems (``docs/results/solvability.md``). Not with ``query_subsample``
+            (a line search needs one objective).
         free_steps: deprecated alias of ``inner_steps`` (its former name), accepted for one release with a
             ``DeprecationWarning``; passing both with different values is a ``ValueError``. Pass ``inner_steps``.
     """
@@ -117,9 +123,11 @@ class Contrastive(Estimator):
         divergence_ratio: float = 10.0,
         precision: Precision = "float32",
         tolerance: float | None = None,
+        solver: Solver = "sgd",
         free_steps: int | None = None,  # when removed: configs and checkpoints saved meanwhile hold free_steps: null
     ) -> None:
         super().__init__(inner_lr, inner_momentum)
+        self.inner_optimizer = inner_solver(solver, inner_lr, inner_momentum)
         inner_steps = renamed_argument("Contrastive", "free_steps", free_steps, "inner_steps", inner_steps, 100)
         if isinstance(beta, bool) or not beta > 0:
             raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")
@@ -136,6 +144,11 @@ class Contrastive(Estimator):
                     "inside its nudged phases. Drop query_subsample, or pass nudge='full'."
                 )
         check_tolerance("tolerance", tolerance)
+        if solver == "lbfgs" and query_subsample is not None:
+            raise ValueError(
+                "solver='lbfgs' and query_subsample do not go together: a line search compares objective values, "
+                "and each nudged evaluation would see a different random subset of the queries. Drop one of them."
+            )
         if tolerance is not None and query_subsample is not None:
             raise ValueError(
                 "tolerance and query_subsample do not go together: a nudged step on a random subset of the queries "
@@ -150,7 +163,8 @@ class Contrastive(Estimator):
         self.inner_steps = inner_steps
         self.nudged_steps = nudged_steps
         self.nudge = nudge
-        self.nudged_optimizer = InnerSGD(inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
+        self.nudged_optimizer = inner_solver(solver, inner_lr if nudged_lr is None else nudged_lr, inner_momentum)
+        self.solver = solver
         self.query_subsample = query_subsample
         self.divergence_ratio = float(divergence_ratio)
         self.precision = precision

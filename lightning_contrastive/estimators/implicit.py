@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lightning_contrastive.estimators.base import TaskEstimate, detached
+from lightning_contrastive.estimators.base import Solver, TaskEstimate, detached, inner_solver
 from lightning_contrastive.estimators.maml import _InnerStepsEstimator
 from lightning_contrastive.faults import SOLVE
 from lightning_contrastive.inner import check_steps, check_tolerance
@@ -48,6 +48,10 @@ class Implicit(_InnerStepsEstimator):
     is at most it, with ``inner_steps`` as the cap, as :class:`~lightning_contrastive.Contrastive`'s does: the
     theorem holds at a solution, so a phase that stops when solved is the estimate's premise made a setting.
     The phase's steps and residual are reported like the contrastive phases'.
+
+    ``solver="lbfgs"`` solves the inner phase with :class:`~lightning_contrastive.inner.InnerLBFGS` (first step
+    ``-inner_lr g``, ``inner_momentum`` ignored, ``inner_steps`` counting gradient evaluations) instead of momentum
+    SGD (``"sgd"``, the default): the theorem needs the solution, not the path to it.
     """
 
     batchable = True  # CG runs its fixed iterations with no host read; a tolerance reads one batch-wide flag
@@ -60,8 +64,10 @@ class Implicit(_InnerStepsEstimator):
         cg_steps: int = 20,
         cg_damping: float = 0.0,
         tolerance: float | None = None,
+        solver: Solver = "sgd",
     ) -> None:
         super().__init__(inner_steps, inner_lr, inner_momentum)
+        self.inner_optimizer = inner_solver(solver, inner_lr, inner_momentum)
         check_steps("cg_steps", cg_steps)
         check_tolerance("tolerance", tolerance)
         if not cg_damping >= 0:
@@ -69,6 +75,7 @@ class Implicit(_InnerStepsEstimator):
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
         self.tolerance = None if tolerance is None else float(tolerance)
+        self.solver = solver
 
     @property
     def adaptation_tolerance(self) -> float | None:

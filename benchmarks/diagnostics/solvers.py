@@ -3,6 +3,10 @@ until its budget of gradient evaluations is spent, and :func:`solve` records the
 
 Cost: what the objective costs per evaluation, times the budget; L-BFGS adds its two-loop recursion (10-35% more
 CPU per evaluation than momentum SGD on Conv4-32).
+
+``lbfgs-lockstep`` is the library's own solver, :class:`~lightning_contrastive.InnerLBFGS` run by
+:func:`~lightning_contrastive.inner.minimise` (one evaluation per iteration, backtracking Armijo line search), fed the
+counted objective through an autograd function whose backward is the counted gradient.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_contrastive import InnerSGD
+from lightning_contrastive import InnerLBFGS, InnerSGD
+from lightning_contrastive.inner import minimise
 
 Flat = Tensor
 """All fast weights of one task as one vector."""
@@ -72,6 +77,33 @@ def lbfgs(history: int = 20) -> Callable[[Evaluate, Flat], None]:
     return run
 
 
+def lockstep_lbfgs(lr: float = 0.01, history: int = 10) -> Callable[[Evaluate, Flat], None]:
+    """The library's :class:`~lightning_contrastive.InnerLBFGS` through ``minimise``, with no tolerance (the budget
+    stops it): every evaluation it makes, accepted or rejected, counts."""
+    solver = InnerLBFGS(lr, history)
+
+    def run(evaluate: Evaluate, z: Flat) -> None:
+        minimise(lambda params: _Counted.apply(params["z"], evaluate), {"z": z}, 1 << 30, solver)
+
+    return run
+
+
+class _Counted(torch.autograd.Function):
+    """``z -> L`` through the counted objective, whose gradient comes with its value (no second evaluation)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: Tensor, evaluate: Evaluate) -> Tensor:
+        with torch.enable_grad():  # a Function's forward runs without grad; the counted objective takes its own
+            loss, gradient = evaluate(z.detach())
+        ctx.save_for_backward(gradient)
+        return loss
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, upstream: Tensor) -> tuple[Tensor, None]:
+        (gradient,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return upstream * gradient, None
+
+
 def nesterov_restart(lr: float) -> Callable[[Evaluate, Flat], None]:
     """Nesterov's accelerated gradient ``x_k = y - lr g(y)``, ``y <- x_k + k / (k + 3) (x_k - x_(k-1))``, with the
     adaptive gradient restart of O'Donoghue and Candes (2015): ``k`` returns to 0 whenever ``g(y) . (x_k - x_(k-1))
@@ -107,6 +139,7 @@ SOLVERS: dict[str, Callable[[Evaluate, Flat], None]] = {
     "sgd-0.01": momentum_sgd(0.01),
     "sgd-0.05": momentum_sgd(0.05),
     "lbfgs": lbfgs(),
+    "lbfgs-lockstep": lockstep_lbfgs(),
     "nesterov-0.01": nesterov_restart(0.01),
     "adam-0.001": adam(1e-3),
 }

@@ -38,8 +38,9 @@ def table_rows(text: str, suite_title: str) -> dict[tuple[str, str], list[str]]:
 def test_committed_configs_are_the_generated_ones() -> None:
     """configs/reproduce/ is what --write-configs writes from SUITES: a cell rerun by hand is the cell of the table."""
     cells = suites.all_cells()
-    # steps: 5 suites x (2 learners x 8 cells + Reptile with fixed strengths); time: 5 x (6 + 5); long: 2 x 2 x 4.
-    assert len(cells) == 5 * (2 * 8 + 1) + 5 * (6 + 5) + 2 * 2 * 4
+    # steps: 5 suites x (2 learners x 8 cells + Reptile with fixed strengths); time: 5 x (6 + 5); long: 2 x 2 x 4;
+    # horizon: 4 suites x 2 learners x 8.
+    assert len(cells) == 5 * (2 * 8 + 1) + 5 * (6 + 5) + 2 * 2 * 4 + 4 * 2 * 8
     for cell in cells:
         assert cell.config.read_text() == configs.config_text(cell), f"rerun --write-configs ({cell.config})"
     linear = configs.cell_config(suites.Cell("omniglot_20way_equal_time", "dual_system", "contrastive_linear"))
@@ -55,6 +56,63 @@ def test_committed_configs_are_the_generated_ones() -> None:
     long = configs.cell_config(suites.Cell("omniglot_20way_alphabet_long", "complex_synapse", "maml"))
     assert long["trainer"]["max_steps"] == 600 and long["trainer"]["callbacks"][0]["init_args"]["every_n_steps"] == 50
     assert long["data"]["init_args"]["split_by"] == "alphabet" and long["data"]["init_args"]["num_train_tasks"] == 1200
+
+
+def test_horizon_cells_solve_to_a_tolerance_against_fixed_step_trajectories() -> None:
+    """The horizon group: the solving estimators stop on the tolerance with the authors' caps, the trajectory ones
+    run their short loop at their own rate, MAML also at the long horizon; the pull is fixed on every learner."""
+
+    def estimator(suite: str, learner: str, name: str) -> dict:
+        return configs.cell_config(suites.Cell(suite, learner, name))["model"]["estimator"]["init_args"]
+
+    omniglot = suites.SUITES["omniglot_20way_horizon"]
+    for name in ("contrastive_linear", "contrastive_symmetric", "untrained"):
+        arguments = estimator(omniglot.name, "complex_synapse", name)
+        assert (arguments["inner_steps"], arguments["nudged_steps"]) == (200, 100)
+        assert arguments["tolerance"] == omniglot.tolerance and arguments["beta"] == 0.03
+        assert arguments["inner_lr"] == 0.01 and arguments["inner_momentum"] == 0.9
+    implicit = estimator(omniglot.name, "dual_system", "implicit")
+    assert implicit["inner_steps"] == 200 and implicit["tolerance"] == omniglot.tolerance
+    for name in ("maml", "fomaml", "reptile"):
+        assert estimator(omniglot.name, "dual_system", name) == {"inner_steps": 10, "inner_lr": 0.05,
+                                                                 "inner_momentum": 0.9}  # fmt: skip
+    assert estimator(omniglot.name, "dual_system", "maml_long") == {"inner_steps": 200, "inner_lr": 0.01,
+                                                                    "inner_momentum": 0.9}  # fmt: skip
+    synapse = configs.cell_config(suites.Cell(omniglot.name, "complex_synapse", "maml"))["model"]["learner"]
+    assert synapse["init_args"]["learn_lambda"] is False and synapse["init_args"]["init_lambda"] == 0.5
+    sinusoid = configs.cell_config(suites.Cell("sinusoid_10shot_horizon", "dual_system", "contrastive_linear"))
+    assert sinusoid["model"]["learner"]["init_args"]["primary"]["init_args"]["smooth"] is True
+    assert sinusoid["data"]["init_args"]["shots"] == 10
+    # MAML at the long horizon exists in this group only; elsewhere every estimator runs the suite's steps.
+    assert {cell.suite for cell in suites.all_cells() if cell.estimator == "maml_long"} == {
+        suite.name for suite in suites.HORIZON
+    }
+    assert suites.select("horizon", None, None) == [c for c in suites.all_cells() if c.suite in
+                                                   {s.name for s in suites.HORIZON}]  # fmt: skip
+
+
+def test_smoke_horizon_records_the_inner_steps_used_and_reports_them(tmp_path) -> None:
+    out = tmp_path / "results"
+    cli.main(["--smoke", "--out", str(out), "--only", "sinusoid_5shot_horizon", "--learners", "complex_synapse",
+              "--estimators", "contrastive_linear,maml_long"])  # fmt: skip
+    result = json.loads((out / "sinusoid_5shot_horizon" / "complex_synapse__contrastive_linear.json").read_text())
+    phases = result["phases"]
+    assert set(phases) >= {"free_steps", "free_steps_max", "nudged_pos_steps", "free_residual", "unsolved"}
+    assert 1 <= phases["free_steps"] <= phases["free_steps_max"] <= suites.SMOKE["inner_steps"]
+    assert 0 <= phases["unsolved"] <= 1
+    # A fixed-step estimator reports the steps it ran, and nothing about being solved.
+    fixed = json.loads((out / "sinusoid_5shot_horizon" / "complex_synapse__maml_long.json").read_text())["phases"]
+    assert fixed["free_steps"] == fixed["free_steps_max"] == suites.SMOKE["inner_steps"] and "unsolved" not in fixed
+    results_md = tmp_path / "horizon.md"
+    cli.main(["--report", "--out", str(out), "--results-md", str(results_md), "--figure",
+              str(tmp_path / "horizon.png"), "--merged-json", str(tmp_path / "horizon.json")])  # fmt: skip
+    text = results_md.read_text()
+    assert "## Solved phases at the authors' horizons (issue 26)" in text
+    assert (tmp_path / "horizon_horizon.png").exists()
+    row = table_rows(text, suites.SUITES["sinusoid_5shot_horizon"].title)
+    used = row[("ComplexSynapse", "Contrastive symmetric, linear nudge")][-2]
+    assert used.startswith(f"free {phases['free_steps']:.0f} ({phases['free_steps_max']:.0f})")
+    assert used.endswith(f"unsolved {100 * phases['unsolved']:.0f}%")
 
 
 def test_smoke_reproduction_records_runs_refusals_failures_resumes_and_reports(tmp_path, capsys) -> None:

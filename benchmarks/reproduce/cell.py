@@ -47,6 +47,7 @@ class CellResult:
     skipped_tasks: float | None = None
     resumed_at_step: int | None = None
     load_average: float | None = None  # the machine's 5-minute load average when the cell ended
+    phases: dict[str, float] = field(default_factory=dict)  # PhaseRecord: inner steps used, residuals, unsolved share
     command: str = ""
     overrides: list[str] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
@@ -111,6 +112,33 @@ class StepTimer(pl.Callback):
             self.skipped_tasks = (self.skipped_tasks or 0.0) + float(skipped)
 
 
+class PhaseRecord(pl.Callback):
+    """The mean over meta-steps of what the inner phases used: ``inner/<phase>_steps`` and ``_residual`` (means over
+    the meta-batch, and their ``_max``) and ``inner/unsolved`` (phases ended at their cap), as the module logs them.
+
+    Kept across a resume in the checkpoint, so that a resumed cell's means still cover all its meta-steps.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("inner/") and name.removesuffix("_max").endswith(("_steps", "_residual", "unsolved")):
+                self.sums[name] = self.sums.get(name, 0.0) + float(value)
+                self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name.removeprefix("inner/"): total / self.counts[name] for name, total in self.sums.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "counts": self.counts}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sums, self.counts = dict(state_dict["sums"]), dict(state_dict["counts"])
+
+
 class CheckpointAtCurvePoints(pl.Callback):
     """Saves a checkpoint to ``path`` after each new point of ``curve``, so that an interrupted cell resumes there.
 
@@ -171,6 +199,8 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path, keep_check
             cli = MetaLearningCLI(args=[f"--config={cell.config}", *overrides], run=False, save_config_callback=None)
             timer = StepTimer()
             cli.trainer.callbacks.insert(0, timer)  # before the curve's hook: a step's time excludes its evaluation
+            phases = PhaseRecord()
+            cli.trainer.callbacks.append(phases)
             curve = next((c for c in cli.trainer.callbacks if isinstance(c, LearningCurve)), None)
             if cell.estimator != "untrained":
                 if curve is not None:
@@ -188,6 +218,7 @@ def run_cell(cell: Cell, overrides: Sequence[str], result_path: Path, keep_check
             if len(timer.seconds) > 1:  # the first step pays one-off costs (allocations, lazy imports)
                 result.seconds_per_meta_step = sum(timer.seconds[1:]) / (len(timer.seconds) - 1)
             result.skipped_tasks = cli.model.skipped_tasks_total or timer.skipped_tasks
+            result.phases = phases.means()
             if curve is not None and curve.points:
                 result.curve = [asdict(point) for point in curve.points]
                 result.train_cpu_seconds = curve.points[-1].train_cpu_seconds

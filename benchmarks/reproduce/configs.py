@@ -21,6 +21,8 @@ def cell_config(cell: Cell) -> dict[str, Any]:
             "class_path": "lightning_contrastive.networks.MLP",
             "init_args": {"in_features": 1, "hidden": [40, 40], "out_features": 1},
         }
+        if suite.smooth:
+            backbone["init_args"]["smooth"] = True
         loss = "mse"
         data = {
             "class_path": "lightning_contrastive.data.SinusoidDataModule",
@@ -61,7 +63,7 @@ def cell_config(cell: Cell) -> dict[str, Any]:
                 "backbone": backbone,
                 "loss": loss,
                 "init_lambda": suite.init_lambda,
-                "learn_lambda": cell.estimator != "reptile_lambda_fixed",
+                "learn_lambda": suite.learn_lambda and cell.estimator != "reptile_lambda_fixed",
             },
         }
     else:
@@ -70,6 +72,7 @@ def cell_config(cell: Cell) -> dict[str, Any]:
             "init_args": {"primary": backbone, "loss": loss, "pull": suite.pull, "modulator": "per_neuron"},
         }
     inner = {"inner_lr": suite.inner_lr, "inner_momentum": suite.inner_momentum}
+    tolerance = {} if suite.tolerance is None else {"tolerance": suite.tolerance}
     if cell.estimator.startswith("contrastive") or cell.estimator == "untrained":
         # The untrained start is tested with the symmetric rule's adapt: the same inner steps as every estimator.
         linear = cell.estimator == "contrastive_linear"
@@ -77,17 +80,27 @@ def cell_config(cell: Cell) -> dict[str, Any]:
             "beta": suite.beta,
             "symmetric": cell.estimator != "contrastive_one_sided",
             "inner_steps": suite.inner_steps,
-            "nudged_steps": suite.inner_steps if linear else suite.nudged_steps,
+            # With fixed steps a linear nudged step costs a free one; with a tolerance both nudges get the same cap.
+            "nudged_steps": suite.inner_steps if linear and suite.tolerance is None else suite.nudged_steps,
             "nudge": "linear" if linear else "full",
             **inner,
+            **tolerance,
         }
         estimator = {"class_path": "lightning_contrastive.Contrastive", "init_args": estimator_args}
     else:
-        class_name = {"maml": "MAML", "fomaml": "FirstOrderMAML", "implicit": "Implicit"}.get(cell.estimator, "Reptile")
-        damping = {"cg_damping": suite.cg_damping} if cell.estimator == "implicit" and suite.cg_damping else {}
+        class_name = {"maml": "MAML", "maml_long": "MAML", "fomaml": "FirstOrderMAML", "implicit": "Implicit"}.get(
+            cell.estimator, "Reptile"
+        )
+        steps, extra = suite.inner_steps, {}
+        if cell.estimator == "implicit":
+            extra = {**({"cg_damping": suite.cg_damping} if suite.cg_damping else {}), **tolerance}
+        elif cell.estimator == "maml_long" and suite.long_maml_steps is not None:
+            steps = suite.long_maml_steps
+        elif suite.short_steps is not None:  # the trajectory estimators of the horizon group
+            steps, inner = suite.short_steps, {**inner, "inner_lr": suite.short_lr or suite.inner_lr}
         estimator = {
             "class_path": f"lightning_contrastive.{class_name}",
-            "init_args": {"inner_steps": suite.inner_steps, **inner, **damping},
+            "init_args": {"inner_steps": steps, **inner, **extra},
         }
     curve = {
         "class_path": "lightning_contrastive.callbacks.learning_curve.LearningCurve",

@@ -21,10 +21,11 @@ def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.2 * max(len(names), 1), 4.2), squeeze=False)
     for axis, name in zip(axes[0], names, strict=False):
         suite = SUITES[name]
+        order = list(suite.estimator_names)
         scale = 100.0 if suite.metric == "accuracy" else 1.0
         for offset, (learner, color) in enumerate(zip(LEARNERS, ("tab:blue", "tab:orange"), strict=True)):
             rows = [r for r in results[name] if r["learner"] == learner and r["status"] == "ok"]
-            positions = [list(ESTIMATORS).index(r["estimator"]) + 0.15 * (2 * offset - 1) for r in rows]
+            positions = [order.index(r["estimator"]) + 0.15 * (2 * offset - 1) for r in rows]
             axis.errorbar(
                 positions,
                 [scale * r["metrics"][suite.metric] for r in rows],
@@ -34,7 +35,7 @@ def figure(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
                 capsize=3,
                 label=LEARNERS[learner],
             )
-        axis.set_xticks(range(len(ESTIMATORS)), list(ESTIMATORS.values()), rotation=60, ha="right", fontsize=8)
+        axis.set_xticks(range(len(order)), [ESTIMATORS[e] for e in order], rotation=60, ha="right", fontsize=8)
         axis.set_title(suite.title, fontsize=10)
         axis.set_ylabel("query accuracy (%)" if suite.metric == "accuracy" else "meta-test MSE (log scale)")
         if suite.metric != "accuracy":

@@ -52,6 +52,17 @@ SECTIONS = {
         "meta-test metric against meta-steps, per suite and learner",
         None,
     ),
+    "horizon": (
+        "Solved phases at the authors' horizons (issue 26)",
+        "The contrastive rule where its premise can hold: the contrastive and implicit estimates (and their test-time "
+        "adaptation) run each phase until its gradient norm falls below a tolerance, capped; MAML at 10 steps, "
+        "first-order MAML and Reptile run their 10-step loop; MAML also at the contrastive rule's mean free steps. "
+        "Every cell meta-trains for the same CPU time, with a fixed pull on every weight (ComplexSynapse strengths "
+        "not learned). The `inner steps used` column gives the mean steps each phase took per meta-step (max over "
+        "the meta-batch in brackets) and the share of phases that ended at their cap unsolved. Budgets:",
+        "meta-test metric against meta-training CPU time, per suite and learner",
+        "Where each contrastive rule stands at the end of the budget (as above):",
+    ),
 }
 """Each suite group's section, in report order: its heading, the text before its budgets, its figure's caption, and
 the text before its standings (``None``: none)."""
@@ -62,11 +73,13 @@ FINDINGS = REPOSITORY / "docs" / "reproduce" / "findings.md"
 
 def group_figure(group: str, results: dict[str, list[dict[str, Any]]], figure_path: Path) -> Path:
     """A suite group's figure: the final metrics (``steps``, at ``figure_path``), or the learning curves against
-    training time (``time``, ``<stem>_equal_time.png``) or meta-steps (``long``, ``<stem>_curves.png``)."""
+    training time (``time``, ``<stem>_equal_time.png``; ``horizon``, ``<stem>_horizon.png``) or meta-steps (``long``,
+    ``<stem>_curves.png``)."""
     if group == "steps":
         return figure(results, figure_path)
-    suffix = "_equal_time" if group == "time" else "_curves"
-    return curve_figure(results, figure_path.with_name(f"{figure_path.stem}{suffix}.png"), by_time=group == "time")
+    suffix = {"time": "_equal_time", "long": "_curves"}.get(group, f"_{group}")
+    by_time = SUITES[next(iter(results))].train_seconds is not None
+    return curve_figure(results, figure_path.with_name(f"{figure_path.stem}{suffix}.png"), by_time=by_time)
 
 
 def gradient_quality_section(out: Path) -> str:

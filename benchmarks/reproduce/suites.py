@@ -232,7 +232,9 @@ HORIZON_OMNIGLOT = replace(
     nudged_steps=100,
     inner_lr=0.01,
     beta=0.03,
-    tolerance=0.01,
+    # About 1% of the starting gradient norm (7.3-7.5 on probed tasks), which the solvability study found out of
+    # reach on this network (200 free steps end at 20-32% of it): here the tolerance is a diagnostic, not a promise.
+    tolerance=0.1,
     short_steps=10,
     short_lr=0.05,  # MAML-10 and the other 10-step estimators at the rate the other 20-way suites tuned for them
     long_maml_steps=200,

@@ -370,13 +370,13 @@ class _Pairs:
         q, alphas = g, []
         for i in reversed(range(len(rho))):
             alpha = rho[i] * (self.s[i] * q).sum()
-            q = q - alpha * self.y[i]
+            q = torch.addcmul(q, alpha, self.y[i], value=-1)
             alphas.append(alpha)
         newest, newest_yy = self.valid[-1], (self.y[-1] * self.y[-1]).sum()
         scale = torch.where(newest, self.sy[-1] / torch.where(newest, newest_yy, 1), lr)
         r = scale * q
         for i, alpha in zip(range(len(rho)), reversed(alphas), strict=True):
-            r = r + (alpha - rho[i] * (self.y[i] * r).sum()) * self.s[i]
+            r = torch.addcmul(r, alpha - rho[i] * (self.y[i] * r).sum(), self.s[i])
         return -r
 
 

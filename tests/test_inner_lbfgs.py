@@ -102,7 +102,7 @@ def test_accepted_points_never_raise_the_objective() -> None:
 
 def test_vmapped_tasks_stopping_at_different_evaluations_equal_the_loop() -> None:
     """Diagonal quadratics, whose objective is elementwise work and one sum, so that vmapped and looped evaluations
-    round alike: every decision then agrees, and so do the points, to the last bit."""
+    round alike: every decision agrees, and so do the points, to the last bit."""
     generator = torch.Generator().manual_seed(3)
     curvatures = torch.stack(
         [

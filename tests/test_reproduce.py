@@ -267,22 +267,32 @@ def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(tmp_path) -> No
     assert steps and steps <= {point["meta_step"] for point in result["curve"][1:]}
     assert not cell.result_path(out).with_suffix(".ckpt").exists()  # the resume checkpoint is still removed
 
-    drift = run_diagnostic("estimate_drift", cell.config, kept, "--batches", "1", "--long", "40")
+    drift = run_diagnostic(
+        "estimate_drift", cell.config, kept, *("--batches", "1", "--long", "40", "--implicit", "1e-2"),
+        *("--implicit-cap", "200", "--implicit-damping", "10"),
+    )  # fmt: skip
     assert len(drift) == len(kept)
     for values in drift:
         # 20 inner steps on a sinusoid task: the T-step contrastive estimate points MAML's way
         assert 0 < values["cos linear"] <= 1 and 0 <= values["residual after T"] < 1
+        assert values["cos run"] == pytest.approx(1)  # the run's own estimator is MAML at the same steps
+        assert values["cos run to implicit"] == pytest.approx(values["cos maml to implicit"])
+        assert 0 < values["cos linear_long to implicit"] <= 1
 
     horizon = run_diagnostic(
         "adaptation_horizon",
         cell.config,
         kept,
-        *("--episodes", "4", "--multiples", "1", "5", "--power-iterations", "40"),
+        *("--episodes", "4", "--multiples", "1", "5", "--power-iterations", "40", "--steps", "1"),
+        *("--solved", "1e9"),  # a tolerance every start meets: solved at once, after no step
         *(f"--set={override}" for override in configs.smoke_overrides(cell)),
     )
     assert len(horizon) == len(kept)
-    steps = re.findall(r"query_loss after (\d+)", " ".join(horizon[0]))
-    assert len(steps) == 2 and int(steps[1]) == 5 * int(steps[0])
+    one, *steps = re.findall(r"query_loss after (\d+)", " ".join(horizon[0]))
+    assert one == "1" and len(steps) == 2 and int(steps[1]) == 5 * int(steps[0])
+    for values in horizon:
+        assert values["steps to solve"] == 0 and values["unsolved %"] == 0
+        assert values["L_in after solved to 1e+09"] > values["L_in after 1"] > values[f"L_in after {steps[0]}"]
     for values in horizon:
         # SGD lr 0.005, momentum 0.9 (limit 2 x 1.9 / 0.005 = 760) on a sinusoid MLP: stable, so five times the
         # steps lower the inner loss further

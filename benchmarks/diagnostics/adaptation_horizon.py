@@ -11,8 +11,12 @@ script reads the checkpoints of one meta-training run and, at each, on the first
 episodes:
 
 - adapts each task from the meta-learned start with the run's inner optimizer for ``m x T`` steps, for each
-  multiple ``m`` of ``--multiples`` (default 1, 3, 10; every run starts from zero velocity, as at test time),
-  and reports the query accuracy (classification) or loss (regression), and the inner loss ``L_in`` reached;
+  multiple ``m`` of ``--multiples`` (default 1, 3, 10), and for each length of ``--steps`` (e.g. 10, what MAML users
+  run; every run starts from zero velocity, as at test time), and reports the query accuracy (classification) or
+  loss (regression), and the inner loss ``L_in`` reached;
+- with ``--solved DELTA``, adapts until each task's inner gradient norm is at most ``DELTA`` (at most
+  ``--solved-cap`` steps) and reports the same, the mean steps taken and the share of tasks left unsolved: the
+  start's accuracy where the rule's premise, a solved inner problem, holds;
 - estimates the largest eigenvalue of the inner loss's Hessian at the start (power iteration on
   Hessian-vector products, averaged over ``--curvature-tasks`` tasks) beside the inner optimizer's stability
   limit: heavy-ball SGD with learning rate ``eta`` and momentum ``mu`` diverges along a direction of curvature
@@ -59,28 +63,39 @@ def top_curvature(objective: Callable[[Params], Tensor], at: Params, iterations:
 
 
 def horizon_row(
-    module: MetaLearningModule, tasks: Sequence[Task], multiples: Sequence[int], curvature_tasks: int, iterations: int
+    module: MetaLearningModule,
+    tasks: Sequence[Task],
+    lengths: Sequence[int],
+    curvature_tasks: int,
+    iterations: int,
+    solved: tuple[float, int] | None = None,
 ) -> dict[str, float]:
-    """One checkpoint's row: the query metric and ``L_in`` after each multiple of ``T``, and the start's curvature."""
+    """One checkpoint's row: the query metric and ``L_in`` after each adaptation length, after adapting to the
+    ``solved = (tolerance, cap)`` rule (with its mean steps and unsolved share), and the start's curvature."""
     learner, estimator = module.learner, module.estimator
     meta = frozen_meta(learner, estimator)
-    optimizer, steps = estimator.inner_optimizer, estimator.adaptation_steps
+    optimizer = estimator.inner_optimizer
     metric = "accuracy" if learner.loss_name == "cross_entropy" else "query_loss"
 
     def inner_loss(task: Task) -> Callable[[Params], Tensor]:
         return lambda fast: learner.inner_loss(fast, meta, task.support)
 
+    runs = [(f"{length}", length, None) for length in lengths]
+    if solved is not None:
+        runs.append((f"solved to {solved[0]:g}", solved[1], solved[0]))
     row: dict[str, float] = {}
-    for multiple in multiples:
-        adapted, inner_losses = [], []
-        for task in tasks:
-            fast = minimise(inner_loss(task), learner.init_fast(meta), multiple * steps, optimizer).params
-            adapted.append(fast)
-            with torch.no_grad():
-                inner_losses.append(float(inner_loss(task)(fast)))
-        values = query_metrics(learner, estimator, list(tasks), adapted)[metric]
-        row[f"{metric} after {multiple * steps}"] = float(values.mean()) * (100 if metric == "accuracy" else 1)
-        row[f"L_in after {multiple * steps}"] = sum(inner_losses) / len(inner_losses)
+    for label, steps, tolerance in runs:
+        phases = [
+            minimise(inner_loss(task), learner.init_fast(meta), steps, optimizer, tolerance=tolerance) for task in tasks
+        ]
+        values = query_metrics(learner, estimator, list(tasks), [phase.params for phase in phases])[metric]
+        row[f"{metric} after {label}"] = float(values.mean()) * (100 if metric == "accuracy" else 1)
+        with torch.no_grad():
+            inner_losses = [float(inner_loss(task)(phase.params)) for task, phase in zip(tasks, phases, strict=True)]
+        row[f"L_in after {label}"] = sum(inner_losses) / len(inner_losses)
+        if tolerance is not None:
+            row["steps to solve"] = sum(int(phase.steps) for phase in phases) / len(phases)
+            row["unsolved %"] = 100 * sum(not bool(phase.solved) for phase in phases) / len(phases)
     start = learner.init_fast(meta)
     curvatures = [top_curvature(inner_loss(task), start, iterations) for task in tasks[:curvature_tasks]]
     row["top curvature at the start"] = sum(curvatures) / len(curvatures)
@@ -92,13 +107,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
     parser.add_argument("--episodes", type=int, default=100, help="fixed meta-test episodes (default 100)")
-    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 3, 10], help="adaptation lengths / T")
+    parser.add_argument("--multiples", type=int, nargs="*", default=[1, 3, 10], help="adaptation lengths / T")
+    parser.add_argument("--steps", type=int, nargs="*", default=[], help="adaptation lengths in steps (e.g. 10)")
+    parser.add_argument("--solved", type=float, metavar="DELTA", help="also adapt until the gradient norm is <= DELTA")
+    parser.add_argument("--solved-cap", type=int, default=1000, help="the --solved adaptation's cap (default 1000)")
     parser.add_argument("--curvature-tasks", type=int, default=4, help="episodes for the curvature (default 4)")
     parser.add_argument("--power-iterations", type=int, default=25, help="per curvature task (default 25)")
     args = parser.parse_args(argv)
-    counts = (args.episodes, args.curvature_tasks, args.power_iterations, *args.multiples)
+    counts = (args.episodes, args.curvature_tasks, args.power_iterations, args.solved_cap, *args.multiples, *args.steps)
     if min(counts) < 1:
-        parser.error(f"--episodes, --curvature-tasks, --power-iterations and --multiples must be >= 1; got {counts}.")
+        parser.error(
+            "--episodes, --curvature-tasks, --power-iterations, --solved-cap, --multiples and --steps must be >= 1; "
+            f"got {counts}."
+        )
+    if args.solved is not None and not args.solved > 0:
+        parser.error(f"--solved must be a gradient norm > 0; got {args.solved}.")
+    if not args.multiples and not args.steps and args.solved is None:
+        parser.error("Nothing to adapt: give --multiples, --steps or --solved.")
     cli = load_run(args)
     cli.datamodule.setup("test")
     tasks: list[Task] = []
@@ -109,8 +134,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     tasks = tasks[: args.episodes]
     curvature_tasks = min(args.curvature_tasks, len(tasks))
     rows = []
+    steps = cli.model.estimator.adaptation_steps
+    lengths = sorted({*(multiple * steps for multiple in args.multiples), *args.steps})
+    solved = None if args.solved is None else (args.solved, args.solved_cap)
     for step in each_checkpoint(cli, args.checkpoints):
-        row = horizon_row(cli.model, tasks, args.multiples, curvature_tasks, args.power_iterations)
+        row = horizon_row(cli.model, tasks, lengths, curvature_tasks, args.power_iterations, solved)
         rows.append({"meta-step": step, **row})
         print(rows[-1], flush=True)
     print_table(rows)

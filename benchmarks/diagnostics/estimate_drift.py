@@ -16,7 +16,11 @@ reads the checkpoints of one meta-training run and, at each, on the same held tr
 - how far ``T`` free steps are from the inner solution: ``|dL_in/dphi(phi_T)| / |dL_in/dphi(phi_0)|``, the
   gradient norm left after adaptation relative to the start (0 at a solution);
 - ``|omega|`` over the convolutions, which BatchNorm makes scale-free: a growing norm shrinks the effective
-  inner learning rate of those weights, so the same ``T`` steps converge less.
+  inner learning rate of those weights, so the same ``T`` steps converge less;
+- the run's own estimator as configured (``run``: e.g. phases to a tolerance, issue 26) beside the rest;
+- with ``--implicit DELTA``, every estimate's cosine to the implicit-function-theorem gradient at the inner solution
+  as well (``Implicit`` with its phase solved to ``DELTA``, at most ``--implicit-cap`` steps, CG damped by
+  ``--implicit-damping``): the gradient the contrastive rule estimates where its premise holds.
 
 Keep a run's checkpoints (the reproduction's ``--keep-checkpoints``, or a ``ModelCheckpoint`` with
 ``save_top_k=-1``), then::
@@ -40,7 +44,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.diagnostics.run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
-from lightning_contrastive import MAML, Contrastive
+from lightning_contrastive import MAML, Contrastive, Implicit
 from lightning_contrastive.callbacks._utils import flat_groups
 from lightning_contrastive.callbacks.estimator_agreement import agreement
 from lightning_contrastive.estimation import meta_gradient
@@ -49,11 +53,20 @@ from lightning_contrastive.evaluation import adapt_tasks, frozen_meta
 from lightning_contrastive.module import MetaLearningModule
 
 
-def estimators(reference: Estimator, beta: float, long: int) -> dict[str, Estimator]:
-    """MAML at the run's inner steps and SGD, and the contrastive rules compared with it, on the same SGD."""
+def estimators(
+    reference: Estimator, beta: float, long: int, implicit: tuple[float, int, float] | None = None
+) -> dict[str, Estimator]:
+    """MAML at the run's inner steps and SGD, the contrastive rules compared with it on the same SGD, the run's own
+    estimator, and with ``implicit = (tolerance, cap, damping)`` the solved implicit gradient."""
     steps = reference.adaptation_steps
     sgd = {"inner_lr": reference.inner_optimizer.lr, "inner_momentum": reference.inner_optimizer.momentum}
+    solved = {}
+    if implicit is not None:
+        tolerance, cap, damping = implicit
+        solved["implicit"] = Implicit(inner_steps=cap, tolerance=tolerance, cg_damping=damping, **sgd)
     return {
+        **solved,
+        "run": reference,
         "maml": MAML(inner_steps=steps, **sgd),
         "linear": Contrastive(beta=beta, inner_steps=steps, nudge="linear", **sgd),
         "full": Contrastive(beta=beta, inner_steps=steps, nudge="full", **sgd),
@@ -93,10 +106,15 @@ def conv_norm(module: MetaLearningModule) -> float:
 
 
 def diagnose(
-    module: MetaLearningModule, batches: Sequence[Mapping[str, Any]], beta: float, long: int
+    module: MetaLearningModule,
+    batches: Sequence[Mapping[str, Any]],
+    beta: float,
+    long: int,
+    implicit: tuple[float, int, float] | None = None,
 ) -> dict[str, float]:
-    """One row: cosines to MAML, norms and the free phase's residual, averaged over ``batches``' meta-gradients."""
-    compared = estimators(module.estimator, beta, long)
+    """One row: cosines to MAML (and to the solved implicit gradient), norms and the free phase's residual,
+    averaged over ``batches``' meta-gradients."""
+    compared = estimators(module.estimator, beta, long, implicit)
     sums: dict[str, dict[str, Tensor]] = {}
     for batch in batches:
         for name, estimator in compared.items():
@@ -104,6 +122,10 @@ def diagnose(
             total = sums.setdefault(name, {})
             for key, g in grads.items():
                 total[key] = total.get(key, 0) + g / len(batches)
+    solved = sums.pop("implicit", None)
+    to_solved = (
+        {} if solved is None else {f"cos {n} to implicit": agreement(flat(g), flat(solved))[0] for n, g in sums.items()}
+    )
     maml = sums.pop("maml")
     row: dict[str, float] = {
         "|maml|": float(flat(maml).norm()),
@@ -115,7 +137,7 @@ def diagnose(
     row["cos linear, linear_long"] = agreement(flat(sums["linear"]), flat(sums["linear_long"]))[0]
     row["residual after T"] = sum(residual_ratio(module, batch) for batch in batches) / len(batches)
     row["|omega conv|"] = conv_norm(module)
-    return row
+    return row | to_solved
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -124,9 +146,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=3, help="held training batches (default 3)")
     parser.add_argument("--beta", type=float, default=0.1, help="the contrastive rules' beta (default 0.1)")
     parser.add_argument("--long", type=int, default=100, help="steps per phase of linear_long (default 100)")
+    parser.add_argument("--implicit", type=float, metavar="DELTA", help="compare with Implicit solved to DELTA")
+    parser.add_argument("--implicit-cap", type=int, default=2000, help="its phase's cap (default 2000)")
+    parser.add_argument("--implicit-damping", type=float, default=0.0, help="its CG damping (default 0)")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.long < 1 or not args.beta > 0:
         parser.error(f"--batches and --long must be >= 1 and --beta > 0; got {args.batches}, {args.long}, {args.beta}.")
+    implicit = None
+    if args.implicit is not None:
+        if not args.implicit > 0 or args.implicit_cap < 1 or not args.implicit_damping >= 0:
+            parser.error("--implicit must be > 0, --implicit-cap >= 1 and --implicit-damping >= 0.")
+        implicit = (args.implicit, args.implicit_cap, args.implicit_damping)
     cli = load_run(args)
     cli.datamodule.setup("fit")
     batches = []
@@ -136,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             break
     rows = []
     for step in each_checkpoint(cli, args.checkpoints):
-        rows.append({"meta-step": step, **diagnose(cli.model, batches, args.beta, args.long)})
+        rows.append({"meta-step": step, **diagnose(cli.model, batches, args.beta, args.long, implicit)})
         print(rows[-1], flush=True)
     print_table(rows)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -59,8 +60,10 @@ class InnerLBFGS:
     """Limited-memory BFGS with a backtracking Armijo line search, run in lockstep: first-order only.
 
     A phase is a solve, not a trajectory, for the contrastive and implicit estimates, so any solver that reaches the
-    minimum gives the same estimate; on a smooth, deterministic, full-batch inner problem this one gets there in far
-    fewer gradient evaluations than momentum SGD (``docs/results/solvability.md``). The state of a task is a base
+    minimum gives the same estimate; on a smooth, deterministic, full-batch inner problem this one gets there in fewer
+    gradient evaluations than momentum SGD, with no rate to tune (measured, ``docs/results/solvability.md``: 2.4-3x
+    fewer to 1e-1 of the starting residual on trained Omniglot Conv4s, about 10x on their convex readout-only problem,
+    no faster than SGD at its best rate to 1e-2; 3-4x on ill-conditioned quadratics). The state of a task is a base
     point ``x`` with its objective ``f`` and gradient ``g``, a direction ``d``, a trial step ``t`` and the last
     ``history`` pairs ``(s_i, y_i)`` (all fast parameters flattened into one vector). Each iteration makes exactly one
     evaluation, at the trial point ``x + t d``, and then, per task:
@@ -77,8 +80,8 @@ class InnerLBFGS:
     Hager and Zhang's approximate Wolfe condition, ``f(x + t d) <= f + 1e-6 |f|`` and
     ``<g(x + t d), d> <= (2 armijo - 1) <g, d>``, whose slope test decides what ``f`` no longer can.
 
-    Where ``d`` is no descent direction (``<g, d> >= 0``, by rounding) or ``2^-{MAX_HALVINGS}`` of a step was still
-    rejected, the history is cleared and the direction restarts as ``-lr g``.
+    Where ``d`` is no descent direction (``<g, d> >= 0``, by rounding) or ``2^-30`` of a step (``MAX_HALVINGS``) was
+    still rejected, the history is cleared and the direction restarts as ``-lr g``.
 
     **Why lockstep.** A line search that evaluates until it is satisfied makes a different number of evaluations per
     task, which a ``torch.func.vmap`` over the tasks of a meta-batch cannot express; here every task makes one
@@ -103,9 +106,9 @@ class InnerLBFGS:
     history: int = 10
     armijo: float = 1e-4
 
-    MAX_HALVINGS = 30
+    MAX_HALVINGS: ClassVar[int] = 30
     """Rejected halvings of one direction after which it restarts as steepest descent."""
-    ROUNDING = 1e-6
+    ROUNDING: ClassVar[float] = 1e-6
     """The relative rise of ``f`` that the approximate Wolfe condition leaves to rounding (Hager and Zhang's)."""
 
     def __post_init__(self) -> None:

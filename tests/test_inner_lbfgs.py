@@ -61,7 +61,7 @@ def origin() -> Params:
     return {"x": torch.zeros(DIMENSION, dtype=torch.float64)}
 
 
-def test_lbfgs_reaches_a_tolerance_in_far_fewer_evaluations_than_momentum_sgd() -> None:
+def test_lbfgs_reaches_a_tolerance_in_fewer_evaluations_than_momentum_sgd_at_its_best() -> None:
     hessian, target = ill_conditioned(0)
     objective, values = counted(quadratic(hessian, target))
     solved = minimise(objective, origin(), 2000, InnerLBFGS(lr=0.01), tolerance=1e-8)
@@ -201,7 +201,8 @@ def test_the_solver_reaches_every_phase_and_uses_far_fewer_evaluations(logistic:
     by_lbfgs, by_sgd = lbfgs.task_estimate(learner, meta, task), sgd.task_estimate(learner, meta, task)
     for phase in ("free", "nudged_pos", "nudged_neg"):
         assert bool(by_lbfgs.solved[phase]) and float(by_lbfgs.residuals[phase]) <= 1e-7
-        assert int(by_lbfgs.steps[phase]) * 3 < int(by_sgd.steps[phase]), phase
+        # Measured: 13 / 11 / 11 L-BFGS evaluations against 281 / 189 / 200 SGD steps (free / nudged +- beta).
+        assert int(by_lbfgs.steps[phase]) * 10 < int(by_sgd.steps[phase]), phase
     assert int(lbfgs.adapt(learner, meta, task.support).steps) == int(by_lbfgs.steps["free"])
     printed = repr(lbfgs)
     assert "solver='lbfgs'" in printed and "InnerLBFGS(lr=0.1" in printed

@@ -11,6 +11,10 @@ For each network and start state, and each solver:
 - **per evaluation**: CPU milliseconds per evaluation of a fixed-length phase (``--per-eval`` evaluations, no
   tolerance), vmapped over the meta-batch and on one task unbatched: the solver's overhead over the objective.
 
+- **phases** (``--phases``): the whole contrastive estimate of each task, ``Contrastive(solver=...)`` with the
+  symmetric linear nudge at ``beta = 0.03`` (the authors'), every phase to ``1e-2`` of the mean starting residual with
+  caps of ``--cap``: the evaluations each phase used (free, nudged +beta, nudged -beta) and the CPU seconds, unbatched.
+
 The trained starts are :mod:`~benchmarks.diagnostics.solvability`'s (same cache, same flags). Cost: about 6 CPU
 minutes with the defaults (3 tasks, cap 300) on one thread.
 
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from benchmarks import omniglot_root
 from benchmarks.diagnostics.solvability import PULL, Cell, build_network, start_weights
-from lightning_contrastive import ComplexSynapse, InnerLBFGS, InnerSGD, Split, split_batch
+from lightning_contrastive import ComplexSynapse, Contrastive, InnerLBFGS, InnerSGD, Split, Task, split_batch
 from lightning_contrastive.data import OmniglotDataModule
 from lightning_contrastive.inner import minimise
 from lightning_contrastive.tasks import Params
@@ -78,6 +82,35 @@ def meta_batch_phase(
     return run
 
 
+def contrastive_phases(
+    network: str, omega: dict[str, Tensor], args: argparse.Namespace, tasks: Sequence[Task], tolerance: float
+) -> list[dict[str, object]]:
+    """Per solver (``sgd`` at lr 0.01, momentum 0.9; ``lbfgs`` with first step 0.01) and task: the steps each phase of
+    the contrastive estimate used to reach ``tolerance``, whether it did, and the CPU seconds of the estimate."""
+    learner = ComplexSynapse(build_network(network, args.channels, args.ways, args.seed), init_lambda=PULL)
+    meta = {name: p.detach() for name, p in learner.meta_parameters().items()}
+    meta.update({f"omega.{name}": w for name, w in omega.items()})
+    rows = []
+    for solver in ("sgd", "lbfgs"):
+        estimator = Contrastive(
+            beta=0.03, inner_steps=args.cap, inner_lr=0.01, inner_momentum=0.9, tolerance=tolerance, solver=solver
+        )
+        for index, task in enumerate(tasks):
+            began = time.process_time()
+            found = estimator.task_estimate(learner, meta, task)
+            rows.append(
+                {
+                    "solver": solver,
+                    "task": index,
+                    "steps": {phase: int(steps) for phase, steps in found.steps.items()},
+                    "solved": {phase: bool(solved) for phase, solved in found.solved.items()},
+                    "cpu_s": time.process_time() - began,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def starting_residuals(run: Callable[..., tuple[Tensor, Tensor, Tensor, float]]) -> Tensor:
     """Each task's ``||dL_in/dphi||`` at ``omega``: one SGD evaluation's residual."""
     _, residual, _, _ = run(InnerSGD(1e-12), 1, None, True)
@@ -85,6 +118,7 @@ def starting_residuals(run: Callable[..., tuple[Tensor, Tensor, Tensor, float]])
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Print and return the rows of the tables (or, with ``--phases``, of the phases)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=omniglot_root())
     parser.add_argument("--states", nargs="+", choices=["untrained", "trained"], default=["untrained", "trained"])
@@ -100,6 +134,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--cache", type=Path, default=Path("outputs/solvability"), help="solvability's trained starts")
     parser.add_argument("--out", type=Path, default=Path("outputs/solver_speed.json"))
     parser.add_argument("--quick", action="store_true", help="Conv4-8, 2 tasks, cap 30, untrained batch-relu only")
+    parser.add_argument(
+        "--phases",
+        nargs="?",
+        const="trained/batch-smooth",
+        metavar="STATE/NET",
+        help="instead of the tables: every phase of the contrastive estimate (default trained/batch-smooth)",
+    )
     args = parser.parse_args(argv)
     args.checkpoint = {}
     if args.quick:
@@ -120,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     data.setup("test")
     tasks = split_batch(next(iter(data.test_dataloader())))[: args.tasks]
     xs, ys = torch.stack([t.support.x for t in tasks]), torch.stack([t.support.y for t in tasks])
+    if args.phases:
+        state, _, network = args.phases.partition("/")
+        omega = start_weights(Cell(state, network, "reference", "any"), args, data)
+        r0 = starting_residuals(meta_batch_phase(network, omega, args, xs, ys))
+        phases = contrastive_phases(network, omega, args, tasks, RATIOS[-1] * float(r0.mean()))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(phases, indent=1))
+        return phases
     rows = []
     for state in args.states:
         for network in args.nets:

@@ -59,7 +59,11 @@ def estimators(
     """MAML at the run's inner steps and SGD, the contrastive rules compared with it on the same SGD, the run's own
     estimator, and with ``implicit = (tolerance, cap, damping)`` the solved implicit gradient."""
     steps = reference.adaptation_steps
-    sgd = {"inner_lr": reference.inner_optimizer.lr, "inner_momentum": reference.inner_optimizer.momentum}
+    # MAML needs SGD: a run whose estimator solves with L-BFGS is compared on SGD at its initial step and no momentum.
+    sgd = {
+        "inner_lr": reference.inner_optimizer.lr,
+        "inner_momentum": getattr(reference.inner_optimizer, "momentum", 0.0),
+    }
     solved = {}
     if implicit is not None:
         tolerance, cap, damping = implicit

@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_contrastive.callbacks.held_batch import HeldBatchDiagnostic
 from lightning_contrastive.estimation import cast_task, compute_dtype
 from lightning_contrastive.estimators import Contrastive, Estimator
-from lightning_contrastive.inner import InnerSGD, minimise
+from lightning_contrastive.inner import InnerLBFGS, InnerSGD, minimise
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.tasks import Params, split_batch
@@ -82,7 +82,11 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
 
 
 def _traced(
-    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD, tolerance: float | None
+    objective: Callable[[Params], Tensor],
+    start: Params,
+    steps: int,
+    optimizer: InnerSGD | InnerLBFGS,
+    tolerance: float | None,
 ) -> tuple[Params, PhaseTrace]:
     """One phase of one task by :func:`minimise`: its final parameters, and its trace (``steps`` losses long)."""
     losses: list[Tensor] = []

@@ -183,7 +183,9 @@ def report(
     if variants:
         table, variant_results = variants_section(variants)
         lines += ["", table]
-    lines += ["", gradient_quality_section(out), ""]
+    if by_group["steps"] or (out / GRADIENT_QUALITY).is_dir():  # a page of other groups only does not run it
+        lines += ["", gradient_quality_section(out)]
+    lines += [""]
     text = "\n".join(lines)
     results_md.write_text(text)
     merged_json.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,7 @@ def test_horizon_cells_solve_to_a_tolerance_against_fixed_step_trajectories() ->
                                                                     "inner_momentum": 0.9}  # fmt: skip
     synapse = configs.cell_config(suites.Cell(omniglot.name, "complex_synapse", "maml"))["model"]["learner"]
     assert synapse["init_args"]["learn_lambda"] is False and synapse["init_args"]["init_lambda"] == 0.5
+    assert "cg_damping" not in estimator("sinusoid_5shot_horizon", "complex_synapse", "implicit")  # smooth: undamped
     sinusoid = configs.cell_config(suites.Cell("sinusoid_10shot_horizon", "dual_system", "contrastive_linear"))
     assert sinusoid["model"]["learner"]["init_args"]["primary"]["init_args"]["smooth"] is True
     assert sinusoid["data"]["init_args"]["shots"] == 10

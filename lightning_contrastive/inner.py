@@ -204,9 +204,10 @@ def minimise(
     tensor's value on the host, so it never waits for an accelerator.
 
     With :class:`InnerLBFGS` (first-order only) ``steps`` caps *gradient evaluations*, accepted or not, the phase's
-    ``steps`` counts the evaluations it made before it was solved, and the residual is that of the last accepted
-    point, which is what it returns; one loop serves the unbatched and the transformed cases, with the gradient taken
-    as above.
+    ``steps`` counts the evaluations it made up to and including the one that found it solved (the start's included,
+    where momentum SGD counts the updates it applied), and the residual is that of the last accepted point, which is
+    what it returns (NaN where no point was finite); one loop serves the unbatched and the transformed cases, with
+    the gradient taken as above.
     """
     check_steps("steps", steps)
     check_tolerance("tolerance", tolerance)
@@ -308,7 +309,7 @@ def _minimise_lbfgs(
     f, t, slope, halvings = zero + math.inf, zero, zero, zero
     pairs = _Pairs(solver.history, x)
     stop = _Stopping(tolerance, steps, x)
-    residual = zero
+    residual = zero + math.nan  # no point accepted yet: a start that is never accepted (NaN) is never "solved"
     floor = torch.finfo(x.dtype).eps ** 0.5
     start_loss = None
     for step in range(steps):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,20 @@ def test_accepted_points_never_raise_the_objective() -> None:
     assert all(later <= earlier for earlier, later in itertools.pairwise(losses))
     assert losses[1] == losses[0]  # the first trial, a step of lr 1 against curvature up to 1000, was rejected
     assert losses[-1] < 1e-4 * losses[0]  # measured 4e-5 after 59 evaluations
+
+
+def test_a_start_that_is_solved_or_not_finite_is_reported_as_such() -> None:
+    """A solved start stops after its one evaluation, where it is; a NaN start is never accepted, so it is neither
+    finite nor solved, and its residual is NaN, as momentum SGD reports it."""
+    hessian, target = ill_conditioned(3)
+    at_minimum = {"x": target.clone()}
+    phase = minimise(quadratic(hessian, target), at_minimum, 50, InnerLBFGS(lr=0.01), tolerance=1e-8)
+    assert bool(phase.solved) and int(phase.steps) == 1 and torch.equal(phase.params["x"], target)
+    broken = {"x": torch.full((DIMENSION,), math.nan, dtype=torch.float64)}
+    for optimizer in (InnerLBFGS(lr=0.01), InnerSGD(0.01, 0.9)):
+        phase = minimise(quadratic(hessian, target), broken, 20, optimizer, tolerance=1e-8)
+        assert not bool(phase.solved) and not bool(phase.finite) and math.isnan(float(phase.residual)), optimizer
+        assert int(phase.steps) == 20
 
 
 def test_vmapped_tasks_stopping_at_different_evaluations_equal_the_loop() -> None:

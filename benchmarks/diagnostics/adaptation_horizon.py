@@ -31,6 +31,7 @@ episodes:
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,7 +100,9 @@ def horizon_row(
     start = learner.init_fast(meta)
     curvatures = [top_curvature(inner_loss(task), start, iterations) for task in tasks[:curvature_tasks]]
     row["top curvature at the start"] = sum(curvatures) / len(curvatures)
-    row["stability limit 2(1+mu)/lr"] = 2 * (1 + optimizer.momentum) / optimizer.lr
+    # Heavy-ball SGD's limit; an L-BFGS run (no momentum, a line search) has none.
+    momentum = getattr(optimizer, "momentum", None)
+    row["stability limit 2(1+mu)/lr"] = math.nan if momentum is None else 2 * (1 + momentum) / optimizer.lr
     return row
 
 

@@ -1,6 +1,7 @@
 """Does the contrastive estimate drift away from MAML's meta-gradient as meta-training moves (issue 17)?
 
-Cost: per checkpoint, one meta-gradient of each of five estimators (MAML and four contrastive rules) on each of
+Cost: per checkpoint, one meta-gradient of each of six estimators (MAML, four contrastive rules and the run's own;
+seven with ``--implicit``) on each of
 ``--batches`` held training batches: about 25 s a batch on Omniglot 20-way Conv4-32, one thread.
 
 Users adapt with ``T`` inner steps at test time, so the objective they get is ``L_query(phi_T(theta))``, whose

@@ -123,7 +123,9 @@ class PhaseRecord(pl.Callback):
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        if not outputs or outputs.get("loss") is None:  # every task skipped: the metrics are still the last step's
+            return
         for name, value in trainer.callback_metrics.items():
             if name.startswith("inner/") and name.removesuffix("_max").endswith(("_steps", "_residual", "unsolved")):
                 self.sums[name] = self.sums.get(name, 0.0) + float(value)

@@ -57,7 +57,8 @@ def curve_figure(results: dict[str, list[dict[str, Any]]], path: Path, by_time: 
     fig, axes = plt.subplots(
         len(LEARNERS), max(len(names), 1), figsize=(4.0 * max(len(names), 1), 3.6 * len(LEARNERS)), squeeze=False
     )
-    colors = dict(zip(ESTIMATORS, plt.get_cmap("tab10").colors, strict=False))
+    palette = plt.get_cmap("tab10").colors
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(ESTIMATORS)}
     for column, name in enumerate(names):
         suite = SUITES[name]
         scale = 100.0 if suite.metric == "accuracy" else 1.0

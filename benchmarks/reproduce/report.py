@@ -55,11 +55,12 @@ SECTIONS = {
     "horizon": (
         "Solved phases at the authors' horizons (issue 26)",
         "The contrastive rule where its premise can hold: the contrastive and implicit estimates (and their test-time "
-        "adaptation) run each phase until its gradient norm falls below a tolerance, capped; MAML at 10 steps, "
-        "first-order MAML and Reptile run their 10-step loop; MAML also at the contrastive rule's mean free steps. "
-        "Every cell meta-trains for the same CPU time, with a fixed pull on every weight (ComplexSynapse strengths "
-        "not learned). The `inner steps used` column gives the mean steps each phase took per meta-step (max over "
-        "the meta-batch in brackets) and the share of phases that ended at their cap unsolved. Budgets:",
+        "adaptation) run each phase until its gradient norm falls below a tolerance, capped; the trajectory "
+        "estimators (MAML, and where listed first-order MAML and Reptile) run a short fixed loop, and MAML also a "
+        "long one. Every cell meta-trains for the same CPU time, with a fixed pull on every weight (ComplexSynapse "
+        "strengths not learned). The `inner steps used` column gives the mean over meta-steps of each phase's steps "
+        "(in brackets the mean of the largest in each meta-batch) and the share of phases that ended at their cap "
+        "unsolved. Budgets:",
         "meta-test metric against meta-training CPU time, per suite and learner",
         "Where each contrastive rule stands at the end of the budget (as above):",
     ),

@@ -58,7 +58,8 @@ class Suite:
     # The ``horizon`` group (issue 26): the solving estimators (contrastive, implicit, and the untrained start's
     # adaptation) stop each phase at this gradient norm, with ``inner_steps`` / ``nudged_steps`` as caps, while the
     # trajectory estimators (MAML, first-order MAML, Reptile) run ``short_steps`` steps at ``short_lr``, and
-    # ``maml_long`` runs MAML for ``long_maml_steps`` steps (the contrastive rule's measured mean free steps).
+    # ``maml_long`` runs MAML for ``long_maml_steps`` steps: the free phase's length (its measured mean where it stops
+    # on the tolerance, its cap where it never does).
     tolerance: float | None = None
     short_steps: int | None = None
     short_lr: float | None = None
@@ -308,7 +309,7 @@ ESTIMATORS = {
     "fomaml": "FirstOrderMAML",
     "reptile": "Reptile",
     "reptile_lambda_fixed": "Reptile (lambda fixed)",
-    "maml_long": "MAML at the contrastive rule's mean free steps",
+    "maml_long": "MAML at the free phase's length",
 }
 """Cell names and their labels, in table order. ``reptile_lambda_fixed`` exists for ComplexSynapse only.
 ``contrastive_symmetric`` and ``contrastive_one_sided`` use the paper's (full) nudge, ``contrastive_linear`` the

@@ -163,8 +163,9 @@ def suite_table(suite: Suite, results: Sequence[dict[str, Any]]) -> str:
 
 
 def phase_text(phases: dict[str, float]) -> str:
-    """The inner steps each phase used (mean per meta-step, mean max over the meta-batch in brackets) and the share
-    of phases that reached their cap unsolved, from a cell's ``phases`` record (a fixed-step estimator: its steps)."""
+    """The inner steps each phase used (mean over meta-steps; in brackets the mean of each meta-batch's largest), the
+    share of phases that reached their cap unsolved, from a cell's ``phases`` record (a fixed-step estimator: its
+    steps)."""
     names = [name.removesuffix("_steps") for name in phases if name.endswith("_steps")]
     parts = [f"{name} {phases[name + '_steps']:.0f} ({phases[name + '_steps_max']:.0f})" for name in names]
     if "unsolved" in phases:
@@ -224,18 +225,23 @@ def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
     return lines
 
 
+TRAJECTORY_ESTIMATORS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
+"""The horizon group's short fixed-loop estimators, as its budget lines name them."""
+
+
 def horizon_budget_line(name: str, suite: dict[str, Any], network: str, split: str, budget: str) -> str:
     """:func:`budget_lines`' line for a suite whose solving estimators stop their phases on a tolerance."""
     activation = " (tanh units)" if suite["data"] == "sinusoid" and suite.get("smooth") else ""
     short_lr = suite.get("short_lr") or suite["inner_lr"]
+    short = [label for key, label in TRAJECTORY_ESTIMATORS.items() if key in suite["estimators"]]
     return (
         f"- `{name}`: {network}{activation}{split}; {suite['shots']} shot(s), {suite['test_shots']} queries"
         f"{' per class' if suite['data'] == 'omniglot' else ''}; {budget}; contrastive, implicit and every "
         f"test-time adaptation of theirs: each phase until its gradient norm is <= {suite['tolerance']:g}, at most "
         f"{suite['inner_steps']} free and {suite['nudged_steps']} nudged steps (both nudges), beta {suite['beta']}, "
-        f"inner SGD lr {suite['inner_lr']}; MAML, first-order MAML and Reptile: {suite['short_steps']} steps at lr "
-        f"{short_lr}; MAML at the contrastive rule's mean free steps: {suite['long_maml_steps']} steps at lr "
-        f"{suite['inner_lr']}; momentum {suite['inner_momentum']} throughout; Adam lr {suite['outer_lr']}; "
+        f"inner SGD lr {suite['inner_lr']}; {', '.join(short)}: {suite['short_steps']} steps at lr {short_lr}; "
+        f"MAML at {suite['long_maml_steps']} steps at lr {suite['inner_lr']}; momentum {suite['inner_momentum']} "
+        f"throughout; Adam lr {suite['outer_lr']}; "
         f"{suite['eval_tasks']} fixed meta-test episodes; fixed pull: ComplexSynapse lambda {suite['init_lambda']} "
         f"(not learned), DualSystem pull {suite['pull']}"
         + (f"; Implicit's CG damping {suite['cg_damping']:g}." if suite.get("cg_damping") else ".")

@@ -391,10 +391,9 @@ def trained_omega(network: str, args: argparse.Namespace, data: OmniglotDataModu
     return torch.load(path, weights_only=True)["omega"]
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    """Run every planned cell not yet in ``--out``; print and return the markdown table of all of them."""
-    args = parse(argv)
-    torch.set_num_threads(1)
+def study_data(args: argparse.Namespace) -> tuple[OmniglotDataModule, list[Task]]:
+    """The study's Omniglot data (``--root``, ``--ways``, ``--seed``; its training tasks meta-train the ``trained``
+    starts) and its first ``args.tasks`` fixed meta-test episodes, which every solver and cell runs on."""
     data = OmniglotDataModule(
         root=str(args.root),
         ways=args.ways,
@@ -407,7 +406,14 @@ def main(argv: Sequence[str] | None = None) -> str:
         seed=args.seed,
     )
     data.setup("test")
-    tasks = split_batch(next(iter(data.test_dataloader())))[: args.tasks]
+    return data, split_batch(next(iter(data.test_dataloader())))[: args.tasks]
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run every planned cell not yet in ``--out``; print and return the markdown table of all of them."""
+    args = parse(argv)
+    torch.set_num_threads(1)
+    data, tasks = study_data(args)
     settings = {"evals": args.evals, "channels": args.channels, "meta_steps": args.meta_steps, "seed": args.seed}
     done = {}
     if args.out.is_file():

@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 
 from benchmarks import omniglot_root
-from benchmarks.diagnostics.solvability import PULL, Cell, build_network, start_weights
-from lightning_contrastive import ComplexSynapse, Contrastive, InnerLBFGS, InnerSGD, Split, Task, split_batch
-from lightning_contrastive.data import OmniglotDataModule
+from benchmarks.diagnostics.solvability import PULL, Cell, build_network, start_weights, study_data
+from lightning_contrastive import ComplexSynapse, Contrastive, InnerLBFGS, InnerSGD, Split, Task
 from lightning_contrastive.inner import minimise
 from lightning_contrastive.tasks import Params
 
@@ -147,19 +146,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         args.channels, args.tasks, args.cap, args.per_eval = 8, 2, 30, 5
         args.states, args.nets = ["untrained"], args.nets[:1]
     torch.set_num_threads(1)
-    data = OmniglotDataModule(
-        root=str(args.root),
-        ways=args.ways,
-        shots=1,
-        test_shots=5,
-        batch_size=2,
-        eval_batch_size=args.tasks,
-        num_train_tasks=2 * args.meta_steps,
-        num_eval_tasks=args.tasks,
-        seed=args.seed,
-    )
-    data.setup("test")
-    tasks = split_batch(next(iter(data.test_dataloader())))[: args.tasks]
+    data, tasks = study_data(args)
     xs, ys = torch.stack([t.support.x for t in tasks]), torch.stack([t.support.y for t in tasks])
     if args.phases:
         state, _, network = args.phases.partition("/")

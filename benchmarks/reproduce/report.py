@@ -190,6 +190,8 @@ def report(
     text = "\n".join(lines)
     results_md.write_text(text)
     merged_json.parent.mkdir(parents=True, exist_ok=True)
+    # The commands as they run from the repository root, naming no machine's folders (as on the page).
+    info = {**info, "commands": [portable_command(command) for command in info.get("commands", [])]}
     merged = {"run": info, "results": results, "variants": variant_results}
     merged_json.write_text(json.dumps(merged, indent=2, allow_nan=True))
     return text

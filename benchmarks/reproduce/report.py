@@ -113,6 +113,7 @@ def report(
     info = json.loads((out / RUN_INFO).read_text()) if (out / RUN_INFO).exists() else {}
     suites = {name: asdict(suite) for name, suite in SUITES.items()} | info.get("suites", {})
     host = info.get("machine", {})
+    gradient_quality = bool(by_group["steps"]) or (out / GRADIENT_QUALITY).is_dir()  # other groups do not run it
     loads = [r["load_average"] for rows in results.values() for r in rows if r.get("load_average") is not None]
 
     def relative(path: Path) -> str:
@@ -158,8 +159,9 @@ def report(
     ]
     lines += [
         "",
-        f"What these tables show, and why: [Findings]({relative(FINDINGS)}). The gradient-quality tables of the same "
-        "run are at the end. Omniglot cells read the images from `--data.root` or "
+        f"What these tables show, and why: [Findings]({relative(FINDINGS)})."
+        + (" The gradient-quality tables of the same run are at the end." if gradient_quality else "")
+        + " Omniglot cells read the images from `--data.root` or "
         "`$LIGHTNING_CONTRASTIVE_OMNIGLOT_ROOT`; `--out` is any folder of your choice.",
     ]
     if findings is not None and findings.exists():
@@ -184,7 +186,7 @@ def report(
     if variants:
         table, variant_results = variants_section(variants)
         lines += ["", table]
-    if by_group["steps"] or (out / GRADIENT_QUALITY).is_dir():  # a page of other groups only does not run it
+    if gradient_quality:
         lines += ["", gradient_quality_section(out)]
     lines += [""]
     text = "\n".join(lines)

@@ -202,7 +202,8 @@ HORIZON_ONLY = ("maml_long",)
 # stall: see ``MLP``), with the pull of the other sinusoid suites (1.0) and inner lr 0.01: on 16 probed tasks every
 # free phase reached 1e-2 within the cap (85-179 steps, mean 119), where at lr 0.02 two of 16 oscillated (residual
 # 3-15 after 400 steps) and with a pull of 0.5 a quarter stayed above 1e-3 after 400. Beta 0.1 rather than 0.03, so
-# that the nudge moves the solution well beyond the tolerance (the estimate's error grows like tolerance / beta).
+# that the nudge moves the solution well beyond the tolerance (the estimate's error grows like tolerance / beta); the
+# runs then measured its other side, a bias (cosine 0.81-0.92 to the implicit gradient; docs/results/horizon.md).
 HORIZON_SINUSOID = replace(
     SINUSOID_5SHOT,
     name="sinusoid_5shot_horizon",

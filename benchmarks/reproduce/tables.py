@@ -225,15 +225,15 @@ def budget_lines(suites: dict[str, Any], names: Iterable[str]) -> list[str]:
     return lines
 
 
-TRAJECTORY_ESTIMATORS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
-"""The horizon group's short fixed-loop estimators, as its budget lines name them."""
+TRAJECTORY_ESTIMATORS = ("maml", "fomaml", "reptile")
+"""The horizon group's short fixed-loop estimators."""
 
 
 def horizon_budget_line(name: str, suite: dict[str, Any], network: str, split: str, budget: str) -> str:
     """:func:`budget_lines`' line for a suite whose solving estimators stop their phases on a tolerance."""
     activation = " (tanh units)" if suite["data"] == "sinusoid" and suite.get("smooth") else ""
     short_lr = suite.get("short_lr") or suite["inner_lr"]
-    short = [label for key, label in TRAJECTORY_ESTIMATORS.items() if key in suite["estimators"]]
+    short = [ESTIMATORS[name] for name in TRAJECTORY_ESTIMATORS if name in suite["estimators"]]
     return (
         f"- `{name}`: {network}{activation}{split}; {suite['shots']} shot(s), {suite['test_shots']} queries"
         f"{' per class' if suite['data'] == 'omniglot' else ''}; {budget}; contrastive, implicit and every "

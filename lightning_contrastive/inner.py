@@ -92,7 +92,9 @@ class InnerLBFGS:
     **Budget.** A phase's step count (``minimise``'s ``steps``, the estimators' ``inner_steps`` and ``nudged_steps``)
     counts *gradient evaluations*, accepted or not, and its residual ``||g||_2`` is measured at base (accepted) points.
     **Memory**: ``2 history`` copies of the fast weights per task for the pairs, plus five (base, gradient, direction,
-    trial, trial gradient), whatever the number of evaluations; no graph is kept. **Cost** per evaluation beyond the
+    trial, trial gradient), whatever the number of evaluations; no graph is kept. A push of a pair briefly holds
+    ``2 history`` more (each buffer is shifted out of place, one at a time), so the peak is about
+    ``4 history + 5`` copies. **Cost** per evaluation beyond the
     objective: about ``8 history + 20`` vector operations over the flat weights (the two-loop recursion and the shift
     of the pair buffers). Every fast parameter must share one dtype and device.
 
@@ -360,7 +362,9 @@ class _Pairs:
         def shifted(buffer: Tensor, new: Tensor) -> Tensor:
             return torch.where(store, torch.cat([buffer[1:], new.unsqueeze(0)]), buffer)
 
-        self.s, self.y = shifted(self.s, s), shifted(self.y, y)
+        # One buffer at a time, so that the transient copies a shift makes (2 ``history``) exist for one buffer only.
+        self.s = shifted(self.s, s)
+        self.y = shifted(self.y, y)
         self.sy, self.valid = shifted(self.sy, sy), shifted(self.valid, store)
 
     def clear(self, where: Tensor) -> None:
@@ -438,25 +442,28 @@ class _Stopping:
         self.residual = torch.zeros((), dtype=like.dtype, device=like.device)
 
     def observe(self, grads: Sequence[Tensor], step: int) -> Tensor | None:
-        """Record the residual at step ``step``'s point; the 0/1 factor that masks its update, or ``None``."""
+        """Record the residual at step ``step``'s point, before its update; the 0/1 factor that masks the update, or
+        ``None``. The update counts as a step unless the point is solved."""
         if self.tolerance is None:
             if step == self.cap - 1:
                 self.residual = _norm(grads)
             return None
-        residual = _norm(grads)
-        # A solved phase's gradient is zeroed, so its residual is kept from the step that solved it.
-        self.residual = torch.where(self.solved, self.residual, residual)
-        self.solved = self.solved | (residual <= self.tolerance)
+        self._record(_norm(grads))
         self.applied = self.applied + (~self.solved).long()
-        return (~self.solved).to(residual.dtype)
+        return (~self.solved).to(self.residual.dtype)
 
     def observe_evaluation(self, residual: Tensor) -> None:
-        """Record the residual of the current base point after one L-BFGS evaluation, which counts towards ``steps``
-        unless the phase was already solved before it."""
+        """Record the residual of the current base point after one L-BFGS evaluation, which counts as a step unless
+        the phase was solved before it (the evaluation was made either way; a solved task only discards it)."""
         if self.tolerance is None:
             self.residual = residual
             return
         self.applied = self.applied + (~self.solved).long()
+        self._record(residual)
+
+    def _record(self, residual: Tensor) -> None:
+        """Keep ``residual`` for the tasks not yet solved, and mark those it solves."""
+        # A solved phase stops moving, so its residual is kept from the point that solved it.
         self.residual = torch.where(self.solved, self.residual, residual)
         self.solved = self.solved | (residual <= self.tolerance)
 

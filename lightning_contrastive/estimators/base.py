@@ -103,7 +103,8 @@ class Estimator(ABC):
     (``inner_lr``, ``inner_momentum``, with identical defaults everywhere), starting from
     ``learner.init_fast(theta)`` and minimising ``learner.inner_loss`` on the support set; those whose estimate
     assumes a solved inner problem (contrastive, implicit) may solve it with
-    :class:`~lightning_contrastive.inner.InnerLBFGS` instead (``solver="lbfgs"``).
+    :class:`~lightning_contrastive.inner.InnerLBFGS` instead (``solver="lbfgs"``, which they expose; the others
+    differentiate or follow the trajectory of the SGD loop itself, so they do not).
     """
 
     batchable: ClassVar[bool] = False
@@ -114,8 +115,8 @@ class Estimator(ABC):
     not create. Off by default, so that a new estimator is never vmapped before someone checks this.
     """
 
-    def __init__(self, inner_lr: float = 0.01, inner_momentum: float = 0.9) -> None:
-        self.inner_optimizer: InnerSGD | InnerLBFGS = InnerSGD(inner_lr, inner_momentum)
+    def __init__(self, inner_lr: float = 0.01, inner_momentum: float = 0.9, solver: Solver = "sgd") -> None:
+        self.inner_optimizer = inner_solver(solver, inner_lr, inner_momentum)
 
     @property
     @abstractmethod

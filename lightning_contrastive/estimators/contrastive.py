@@ -128,8 +128,7 @@ class Contrastive(Estimator):
         solver: Solver = "sgd",
         free_steps: int | None = None,  # when removed: configs and checkpoints saved meanwhile hold free_steps: null
     ) -> None:
-        super().__init__(inner_lr, inner_momentum)
-        self.inner_optimizer = inner_solver(solver, inner_lr, inner_momentum)
+        super().__init__(inner_lr, inner_momentum, solver)
         inner_steps = renamed_argument("Contrastive", "free_steps", free_steps, "inner_steps", inner_steps, 100)
         if isinstance(beta, bool) or not beta > 0:
             raise ValueError(f"beta must be > 0 (the strength of the nudge toward the query loss); got {beta!r}.")

@@ -8,8 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lightning_contrastive.estimators.base import Solver, TaskEstimate, detached, inner_solver
-from lightning_contrastive.estimators.maml import _InnerStepsEstimator
+from lightning_contrastive.estimators.base import Estimator, Solver, TaskEstimate, detached
 from lightning_contrastive.faults import SOLVE
 from lightning_contrastive.inner import check_steps, check_tolerance
 from lightning_contrastive.learners.base import Learner
@@ -18,7 +17,7 @@ from lightning_contrastive.tasks import Params, Task
 Vectors = list[Tensor]
 
 
-class Implicit(_InnerStepsEstimator):
+class Implicit(Estimator):
     """The implicit-function meta-gradient, solved by conjugate gradient on Hessian-vector products.
 
     At an inner solution ``phi*`` (``inner_steps`` first-order steps on ``L_in``), the implicit
@@ -66,16 +65,21 @@ class Implicit(_InnerStepsEstimator):
         tolerance: float | None = None,
         solver: Solver = "sgd",
     ) -> None:
-        super().__init__(inner_steps, inner_lr, inner_momentum)
-        self.inner_optimizer = inner_solver(solver, inner_lr, inner_momentum)
+        super().__init__(inner_lr, inner_momentum, solver)
+        check_steps("inner_steps", inner_steps)
         check_steps("cg_steps", cg_steps)
         check_tolerance("tolerance", tolerance)
         if not cg_damping >= 0:
             raise ValueError(f"cg_damping must be >= 0; got {cg_damping}.")
+        self.inner_steps = inner_steps
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
         self.tolerance = None if tolerance is None else float(tolerance)
         self.solver = solver
+
+    @property
+    def adaptation_steps(self) -> int:
+        return self.inner_steps
 
     @property
     def adaptation_tolerance(self) -> float | None:

@@ -111,6 +111,7 @@ def test_smoke_horizon_records_the_inner_steps_used_and_reports_them(tmp_path) -
               str(tmp_path / "horizon.png"), "--merged-json", str(tmp_path / "horizon.json")])  # fmt: skip
     text = results_md.read_text()
     assert "## Solved phases at the authors' horizons (issue 26)" in text and "## Gradient quality" not in text
+    assert text.startswith("# Reproduction: solved phases at the authors' horizons")  # a one-group page is titled by it
     assert (tmp_path / "horizon_horizon.png").exists()
     row = table_rows(text, suites.SUITES["sinusoid_5shot_horizon"].title)
     used = row[("ComplexSynapse", "Contrastive symmetric, linear nudge")][-2]

@@ -279,6 +279,10 @@ def test_kept_checkpoints_feed_the_drift_and_horizon_diagnostics(tmp_path) -> No
         assert 0 < values["cos linear"] <= 1 and 0 <= values["residual after T"] < 1
         assert values["cos run"] == pytest.approx(1)  # the run's own estimator is MAML at the same steps
         assert values["cos run to implicit"] == pytest.approx(values["cos maml to implicit"])
+        assert values["|maml| / |implicit|"] > 0
+        assert values["|run| / |implicit|"] == pytest.approx(values["|maml| / |implicit|"])
+        by_group = [value for key, value in values.items() if key.startswith("cos run to implicit, ")]
+        assert by_group and all(-1 <= value <= 1 for value in by_group)
         assert 0 < values["cos linear_long to implicit"] <= 1
 
     horizon = run_diagnostic(

@@ -21,7 +21,8 @@ reads the checkpoints of one meta-training run and, at each, on the same held tr
 - the run's own estimator as configured (``run``: e.g. phases to a tolerance, issue 26) beside the rest;
 - with ``--implicit DELTA``, every estimate's cosine to the implicit-function-theorem gradient at the inner solution
   as well (``Implicit`` with its phase solved to ``DELTA``, at most ``--implicit-cap`` steps, CG damped by
-  ``--implicit-damping``): the gradient the contrastive rule estimates where its premise holds.
+  ``--implicit-damping``): the gradient the contrastive rule estimates where its premise holds; with it, each
+  estimate's norm relative to it and the run's cosine to it per meta-parameter group.
 
 Keep a run's checkpoints (the reproduction's ``--keep-checkpoints``, or a ``ModelCheckpoint`` with
 ``save_top_k=-1``), then::
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from benchmarks.diagnostics.run_checkpoints import add_run_arguments, each_checkpoint, load_run, print_table
 from lightning_contrastive import MAML, Contrastive, Implicit
-from lightning_contrastive.callbacks._utils import flat_groups
+from lightning_contrastive.callbacks._utils import flat_groups, ratio
 from lightning_contrastive.callbacks.estimator_agreement import agreement
 from lightning_contrastive.estimation import meta_gradient
 from lightning_contrastive.estimators import Estimator
@@ -110,6 +111,22 @@ def conv_norm(module: MetaLearningModule) -> float:
     return float(torch.cat([w.detach().flatten() for w in weights]).norm()) if weights else math.nan
 
 
+def compared_to_solved(estimates: Mapping[str, Mapping[str, Tensor]], solved: Mapping[str, Tensor]) -> dict[str, float]:
+    """Each estimate's cosine and norm ratio to the solved implicit gradient, and the run's cosine per meta-parameter
+    group: a cosine near 1 with a norm ratio below 1 descends as the implicit gradient does but in shorter steps
+    (at the same outer learning rate), and a group whose cosine is low is where the estimate's bias sits."""
+    reference = flat_groups(solved.items())
+    row: dict[str, float] = {}
+    for name, grads in estimates.items():
+        estimate = flat(grads)
+        row[f"cos {name} to implicit"] = agreement(estimate, reference[""])[0]
+        row[f"|{name}| / |implicit|"] = ratio(estimate.norm(), reference[""].norm())
+    for group, vector in flat_groups(estimates["run"].items()).items():
+        if group:
+            row[f"cos run to implicit, {group}"] = agreement(vector, reference[group])[0]
+    return row
+
+
 def diagnose(
     module: MetaLearningModule,
     batches: Sequence[Mapping[str, Any]],
@@ -128,9 +145,7 @@ def diagnose(
             for key, g in grads.items():
                 total[key] = total.get(key, 0) + g / len(batches)
     solved = sums.pop("implicit", None)
-    to_solved = (
-        {} if solved is None else {f"cos {n} to implicit": agreement(flat(g), flat(solved))[0] for n, g in sums.items()}
-    )
+    to_solved = {} if solved is None else compared_to_solved(sums, solved)
     maml = sums.pop("maml")
     row: dict[str, float] = {
         "|maml|": float(flat(maml).norm()),

@@ -145,6 +145,18 @@ def test_training_logs_steps_and_residuals_and_warns_once_when_phases_end_unsolv
     assert float(logged["inner/unsolved"]) == 0.0 and float(logged["inner/free_residual_max"]) <= 1e-2
     assert 0 < float(logged["inner/nudged_pos_steps"]) < float(logged["inner/free_steps"]) < 2000
     assert math.isfinite(float(logged["train/query_loss"]))
+    assert not any("nudged phases" in str(w.message) for w in caught)  # beta 0.05 moves them beyond 1e-2
+
+
+def test_fit_warns_once_when_the_nudge_is_below_the_tolerance() -> None:
+    """A free phase stops just below the tolerance; a nudge of beta 1e-4 leaves the nudged start within it, so the
+    nudged phases take no step and return the free solution: the contrastive difference is then missing, not small."""
+    within = Contrastive(beta=1e-4, inner_steps=2000, nudged_steps=2000, inner_lr=0.02, tolerance=1e-2)
+    with pytest.warns(UserWarning, match=r"nudged phases \(\d+%\) took at most one step") as caught:
+        run = fit_one_epoch(within, batches=4)
+    assert sum("took at most one step" in str(w.message) for w in caught) == 1
+    assert float(run.logged_metrics["inner/nudged_pos_steps_max"]) <= 1
+    assert not any("reached their step cap" in str(w.message) for w in caught)
 
 
 def test_implicit_stops_its_inner_phase_by_the_same_rule(logistic: Problem) -> None:

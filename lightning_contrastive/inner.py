@@ -32,6 +32,9 @@ class InnerSGD:
     lr: float
     momentum: float = 0.0
 
+    STEPS_AT_START: ClassVar[int] = 0
+    """The steps a phase reports when its start is already solved: none (it counts applied updates)."""
+
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"The inner learning rate must be > 0; got {self.lr}.")
@@ -108,6 +111,8 @@ class InnerLBFGS:
     history: int = 10
     armijo: float = 1e-4
 
+    STEPS_AT_START: ClassVar[int] = 1
+    """The steps a phase reports when its start is already solved: one (it counts evaluations, the start's too)."""
     MAX_HALVINGS: ClassVar[int] = 30
     """Rejected halvings of one direction after which it restarts as steepest descent."""
     ROUNDING: ClassVar[float] = 1e-6

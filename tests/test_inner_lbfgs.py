@@ -167,6 +167,7 @@ def test_lbfgs_is_first_order_only_and_checks_its_settings() -> None:
         (lambda: Contrastive(solver="newton"), 'solver must be "sgd"'),  # type: ignore[arg-type]
         (lambda: Implicit(solver="adam"), 'solver must be "sgd"'),  # type: ignore[arg-type]
         (lambda: Contrastive(solver="lbfgs", nudge="full", query_subsample=2), "query_subsample do not go together"),
+        (lambda: Implicit(solver="lbfgs", inner_momentum=1.5), "momentum must lie in"),  # ignored, still checked
     ):
         with pytest.raises(ValueError, match=message):
             bad()

@@ -82,8 +82,9 @@ Solver = Literal["sgd", "lbfgs"]
 def inner_solver(solver: Solver, lr: float, momentum: float) -> InnerSGD | InnerLBFGS:
     """The inner optimizer named ``solver``: ``InnerSGD(lr, momentum)``, or ``InnerLBFGS(lr)`` (whose first step is
     ``-lr g``; it has no momentum, so ``momentum`` is ignored)."""
+    sgd = InnerSGD(lr, momentum)  # checks both settings, so that a bad momentum fails whichever solver runs
     if solver == "sgd":
-        return InnerSGD(lr, momentum)
+        return sgd
     if solver == "lbfgs":
         return InnerLBFGS(lr)
     raise ValueError(

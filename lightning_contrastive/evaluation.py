@@ -250,20 +250,15 @@ def unsolved_phases(result: MetaEstimate) -> Tensor:
 
 
 UNSOLVED_WARNING_SHARE = 0.1
-"""The share of inner phases ending unsolved (or of nudged phases idle) above which :class:`UnsolvedPhaseWarning`
-warns, once per run for each."""
+"""The share of inner phases ending unsolved above which :class:`UnsolvedPhaseWarning` warns, once per run."""
 
 
 class UnsolvedPhaseWarning:
-    """Warns once per run when more than :data:`UNSOLVED_WARNING_SHARE` of the phases so far ended unsolved, and once
-    when more than that share of the nudged phases so far were solved at their start and took no step.
+    """Warns once per run when more than :data:`UNSOLVED_WARNING_SHARE` of the phases so far ended unsolved.
 
     A phase that reaches its cap with a residual above the tolerance breaks the premise of the contrastive and
-    implicit estimates (a solved inner problem), and the per-step metrics are easy to miss. A nudged phase that
-    starts within the tolerance (a free phase stopped just below it, nudged by less than the tolerance) takes no step
-    and returns the free solution: its term of the contrastive difference is then missing, not small (half of the
-    symmetric estimate, all of the one-sided one). Counted over at least ``minimum_phases`` phases, so that the first
-    batch alone does not decide; one host read per meta-step, only while a tolerance is set and a warning is due.
+    implicit estimates (a solved inner problem), and the per-step metrics are easy to miss; counted over at least
+    ``minimum_phases`` phases, so that the first batch alone does not decide.
     """
 
     def __init__(self, minimum_phases: int = 20) -> None:
@@ -272,49 +267,23 @@ class UnsolvedPhaseWarning:
 
     def reset(self) -> None:
         """Start counting afresh: at the start of every ``fit``."""
-        self.phases = self.unsolved = self.nudged = self.idle = 0
-        self.warned_unsolved = self.warned_idle = False
+        self.phases = 0
+        self.unsolved = 0
+        self.warned = False
 
     def observe(self, estimator: Estimator, result: MetaEstimate) -> None:
-        """Count ``result``'s phases (when ``estimator`` stops on a tolerance) and warn if a share is too high."""
-        tolerance = estimator.adaptation_tolerance
-        if tolerance is None or not result.tasks:
+        """Count ``result``'s phases (when ``estimator`` stops on a tolerance) and warn if the share is too high."""
+        if estimator.adaptation_tolerance is None or self.warned or not result.tasks:
             return
-        nudged = [
-            (task.solved[name], task.steps[name])
-            for task in result.tasks
-            for name in task.steps
-            if name.startswith("nudged") and name in task.solved
-        ]
-        if self.warned_unsolved and (self.warned_idle or not nudged):
-            return
-        unsolved = unsolved_phases(result)
-        # Solved with no update: L-BFGS counts its start's evaluation as a step, SGD only applied updates.
-        start = estimator.inner_optimizer.STEPS_AT_START
-        idle = [solved & (steps <= start) for solved, steps in nudged]
-        idle_count = torch.stack(idle).sum() if idle else torch.zeros((), dtype=torch.long)
-        counts = torch.stack([unsolved.sum().to(idle_count.device), idle_count]).tolist()  # one host read
-        self.phases, self.unsolved = self.phases + unsolved.numel(), self.unsolved + counts[0]
-        self.nudged, self.idle = self.nudged + len(idle), self.idle + counts[1]
-        if self._over_share(self.unsolved, self.phases, self.warned_unsolved):
-            self.warned_unsolved = True
+        flags = unsolved_phases(result)  # one host read per meta-step, only while a tolerance is set
+        self.phases += flags.numel()
+        self.unsolved += int(flags.sum())
+        if self.phases >= self.minimum_phases and self.unsolved > UNSOLVED_WARNING_SHARE * self.phases:
+            self.warned = True
             rank_zero_warn(
                 f"{self.unsolved} of {self.phases} inner phases ({self.unsolved / self.phases:.0%}) reached their step "
-                f"cap before the tolerance {tolerance:g} (the logged inner/<phase>_residual "
+                f"cap before the tolerance {estimator.adaptation_tolerance:g} (the logged inner/<phase>_residual "
                 "says how far from solved they ended): the estimate assumes solved phases, and its error grows like "
                 "residual / beta. Raise the caps (inner_steps, nudged_steps), loosen the tolerance, or take a larger "
                 "inner learning rate if the problem allows it."
             )
-        if self._over_share(self.idle, self.nudged, self.warned_idle):
-            self.warned_idle = True
-            rank_zero_warn(
-                f"{self.idle} of {self.nudged} nudged phases ({self.idle / self.nudged:.0%}) took no step (they "
-                f"started within the tolerance {tolerance:g}): the free phase stopped just below the tolerance and the "
-                "nudge (beta times the query gradient) moved the residual by less than the rest. Such a phase returns "
-                "the free solution, so its term of the contrastive difference is missing. Take a tolerance well below "
-                "beta |dL_query/dphi| (the logged inner/nudged_*_residual is where the nudged phases ended), or a "
-                "larger beta."
-            )
-
-    def _over_share(self, count: int, total: int, warned: bool) -> bool:
-        return not warned and total >= self.minimum_phases and count > UNSOLVED_WARNING_SHARE * total

@@ -32,9 +32,6 @@ class InnerSGD:
     lr: float
     momentum: float = 0.0
 
-    STEPS_AT_START: ClassVar[int] = 0
-    """The steps a phase reports when its start is already solved: none (it counts applied updates)."""
-
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"The inner learning rate must be > 0; got {self.lr}.")
@@ -111,8 +108,6 @@ class InnerLBFGS:
     history: int = 10
     armijo: float = 1e-4
 
-    STEPS_AT_START: ClassVar[int] = 1
-    """The steps a phase reports when its start is already solved: one (it counts evaluations, the start's too)."""
     MAX_HALVINGS: ClassVar[int] = 30
     """Rejected halvings of one direction after which it restarts as steepest descent."""
     ROUNDING: ClassVar[float] = 1e-6
@@ -186,7 +181,7 @@ def minimise(
     optimizer: InnerSGD | InnerLBFGS,
     *,
     differentiable: bool = False,
-    tolerance: float | None = None,
+    tolerance: float | Tensor | None = None,
 ) -> Phase:
     """Run ``optimizer`` on ``objective`` from ``start`` for ``steps`` steps, or until solved to ``tolerance``.
 
@@ -203,7 +198,9 @@ def minimise(
     ``mu``-strongly convex objective, the same yardstick for the free and the nudged phases. A solved phase stops
     moving at once (its update is masked on the device), and the loop reads the flag on the host only every
     :data:`CHECK_EVERY` steps, so under ``vmap`` each task stops where it is solved and the meta-batch's loop ends
-    when every task is (or at the cap); the result is the same looped or vmapped.
+    when every task is (or at the cap); the result is the same looped or vmapped. A tensor ``tolerance`` (a scalar,
+    per task under ``vmap``) is a tolerance computed from the task, as the contrastive nudged phases' is; it is
+    not checked on the host.
 
     Inside a ``torch.func`` transform (``vmap`` over tasks) gradients come from ``torch.func.grad_and_value``,
     which sees through batched tensors where ``torch.autograd.grad`` cannot; outside, ``autograd.grad`` is
@@ -217,7 +214,8 @@ def minimise(
     the gradient taken as above.
     """
     check_steps("steps", steps)
-    check_tolerance("tolerance", tolerance)
+    if not isinstance(tolerance, Tensor):
+        check_tolerance("tolerance", tolerance)
     if differentiable and tolerance is not None:
         raise ValueError(
             "A differentiable phase runs a fixed number of steps (its objective is the unrolled trajectory); "
@@ -239,7 +237,11 @@ def minimise(
 
 
 def _minimise_first_order(
-    objective: Callable[[Params], Tensor], start: Params, steps: int, optimizer: InnerSGD, tolerance: float | None
+    objective: Callable[[Params], Tensor],
+    start: Params,
+    steps: int,
+    optimizer: InnerSGD,
+    tolerance: float | Tensor | None,
 ) -> Phase:
     params = {name: p.detach().clone().requires_grad_() for name, p in start.items()}  # the copy updated in place
     leaves = list(params.values())
@@ -280,7 +282,7 @@ def _minimise_transformed(
     steps: int,
     optimizer: InnerSGD,
     differentiable: bool,
-    tolerance: float | None,
+    tolerance: float | Tensor | None,
 ) -> Phase:
     params = start if differentiable else {name: p.detach() for name, p in start.items()}
     velocity = optimizer.init(params)
@@ -303,7 +305,11 @@ def _minimise_transformed(
 
 
 def _minimise_lbfgs(
-    objective: Callable[[Params], Tensor], start: Params, steps: int, solver: InnerLBFGS, tolerance: float | None
+    objective: Callable[[Params], Tensor],
+    start: Params,
+    steps: int,
+    solver: InnerLBFGS,
+    tolerance: float | Tensor | None,
 ) -> Phase:
     """:class:`InnerLBFGS` for ``steps`` evaluations (fewer once every task is solved), out of place throughout, so
     the same loop runs unbatched and under ``vmap``; the state starts with no base point (``f = inf``, ``t = 0``), so
@@ -438,7 +444,7 @@ class _Stopping:
     Without a tolerance only the last step's residual is computed (one norm per phase), and nothing is masked.
     """
 
-    def __init__(self, tolerance: float | None, steps: int, like: Tensor) -> None:
+    def __init__(self, tolerance: float | Tensor | None, steps: int, like: Tensor) -> None:
         self.tolerance = tolerance
         self.cap = steps
         self.solved = torch.zeros((), dtype=torch.bool, device=like.device)

@@ -199,8 +199,7 @@ class MetaLearningModule(pl.LightningModule):
 
         Logs :func:`~lightning_contrastive.evaluation.training_metrics` (query loss after adaptation, and each inner
         phase's final objective, steps and residual: ``inner/free``, ``inner/nudged_pos_residual``, ...), and warns
-        once when too many phases end unsolved or too many nudged phases start within the tolerance
-        (:class:`~lightning_contrastive.evaluation.UnsolvedPhaseWarning`).
+        once when too many phases end unsolved (:class:`~lightning_contrastive.evaluation.UnsolvedPhaseWarning`).
         Returns ``None`` (no optimizer step) when every task failed under ``on_inner_fault="skip"`` on one process.
         """
         with seeded_by_position(self.current_epoch, batch_idx, self.global_rank, self.device):

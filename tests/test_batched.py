@@ -72,6 +72,13 @@ ESTIMATORS = {
     "contrastive, every query drawn": lambda: Contrastive(
         inner_steps=4, nudged_steps=3, nudge="full", query_subsample=QUERY
     ),
+    # Phases to a tolerance: each task stops where solved, the nudged ones at a tolerance computed from its own nudge.
+    "contrastive to a tolerance": lambda: Contrastive(
+        beta=0.1, inner_steps=60, nudged_steps=40, inner_lr=0.1, tolerance=0.05
+    ),
+    "contrastive to a tolerance, full nudge": lambda: Contrastive(
+        beta=0.1, inner_steps=60, nudged_steps=40, nudge="full", inner_lr=0.1, tolerance=0.05
+    ),
     "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
     "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),
     "implicit": lambda: Implicit(inner_steps=4, inner_lr=0.1, cg_steps=5),

@@ -66,10 +66,9 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
             )
             per_task.setdefault("free", []).append(trace)
             if isinstance(estimator, Contrastive):
+                tolerance = estimator.nudged_tolerance(learner, meta, task, free)
                 for phase, objective in estimator.nudged_objectives(learner, meta, task, free).items():
-                    _, trace = _traced(
-                        objective, free, estimator.nudged_steps, estimator.nudged_optimizer, estimator.tolerance
-                    )
+                    _, trace = _traced(objective, free, estimator.nudged_steps, estimator.nudged_optimizer, tolerance)
                     per_task.setdefault(phase, []).append(trace)
     return {
         phase: PhaseTrace(
@@ -86,7 +85,7 @@ def _traced(
     start: Params,
     steps: int,
     optimizer: InnerSGD | InnerLBFGS,
-    tolerance: float | None,
+    tolerance: float | Tensor | None,
 ) -> tuple[Params, PhaseTrace]:
     """One phase of one task by :func:`minimise`: its final parameters, and its trace (``steps`` losses long)."""
     losses: list[Tensor] = []

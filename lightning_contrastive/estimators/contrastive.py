@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -91,9 +91,12 @@ class Contrastive(Estimator):
         tolerance: stop each phase (free, nudged, and :meth:`adapt` at evaluation) at the first point whose
             gradient norm ``||d objective / d phi||_2`` is at most this, with ``inner_steps`` / ``nudged_steps`` as
             caps; ``None`` (default) runs every step. Absolute, not relative: the estimate's error is
-            ``O(delta / beta) + O(beta^2)`` for phases solved to ``delta ~ tolerance / mu`` (``mu`` the inner
-            problem's smallest curvature), the same yardstick for a free phase that starts far from its solution
-            and a nudged one that starts ``O(beta)`` from it; so choose it with beta (``tolerance << beta |g|``).
+            ``O(delta / beta) + O(beta^2)`` for nudged phases solved to ``delta ~ tolerance / mu`` (``mu`` the inner
+            problem's smallest curvature). So each nudged phase stops at the tighter of ``tolerance`` and
+            :attr:`NUDGE_RESOLUTION` ``beta |g|`` (``g = dL_query/dphi`` at ``phi_0``, per task): a nudge smaller
+            than the tolerance is still resolved, where a nudged phase that starts within ``tolerance`` would take
+            no step and drop its term of the difference. The free phase's residual enters the symmetric estimate
+            only at second order (both nudged phases solve their own problems wherever they start).
             Steps used, residuals and unsolved phases are logged (``inner/<phase>_steps``, ``..._residual``).
             Not with ``query_subsample``, whose random subsets keep the nudged gradient from settling.
         solver: ``"sgd"`` (default): momentum SGD (``inner_lr``, ``inner_momentum``) in every phase; ``"lbfgs"``:
@@ -110,6 +113,10 @@ class Contrastive(Estimator):
     """
 
     batchable = True
+
+    NUDGE_RESOLUTION: ClassVar[float] = 0.1
+    """With a tolerance, a nudged phase also stops no later than at a residual of this fraction of its nudge,
+    ``beta |dL_query/dphi(phi_0)|``: a relative error of about this much in the response to the nudge."""
 
     def __init__(
         self,
@@ -223,6 +230,21 @@ class Contrastive(Estimator):
             for name, beta in self._betas().items()
         }
 
+    def nudged_tolerance(self, learner: Learner, meta: Params, task: Task, origin: Params) -> Tensor | None:
+        """The gradient norm at which the nudged phases from ``origin = phi_0`` stop: the tighter of ``tolerance``
+        and ``NUDGE_RESOLUTION * beta * |dL_query/dphi(phi_0)|`` (``None`` without a tolerance). One query pass; for
+        diagnostics (:class:`~lightning_contrastive.callbacks.InnerLoopMonitor`), as :meth:`nudged_objectives`."""
+        if self.tolerance is None:
+            return None
+        return self._resolved(_query_gradient(learner, detached(meta), origin, task.query)[0])
+
+    def _resolved(self, query_grad: Params) -> Tensor | None:
+        """:meth:`nudged_tolerance` for the query gradient ``g`` at ``phi_0`` (a tensor, per task under ``vmap``)."""
+        if self.tolerance is None:
+            return None
+        norm = torch.stack([g.detach().square().sum() for g in query_grad.values()]).sum().sqrt()
+        return torch.clamp(self.NUDGE_RESOLUTION * self.beta * norm, max=self.tolerance)
+
     def _betas(self) -> dict[str, float]:
         return {"nudged_pos": self.beta, **({"nudged_neg": -self.beta} if self.symmetric else {})}
 
@@ -236,7 +258,7 @@ class Contrastive(Estimator):
         def difference_term(phase: Phase, beta: float) -> Tensor:
             return learner.inner_loss(phase.params, meta, task.support)
 
-        return self._estimate(free, objective, difference_term, direct)
+        return self._estimate(free, objective, difference_term, self._resolved(query_grad), direct)
 
     def _full_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
         frozen = detached(meta)
@@ -248,13 +270,14 @@ class Contrastive(Estimator):
             inner = learner.inner_loss(phase.params, meta, task.support)
             return inner + beta * learner.query_loss(phase.params, meta, task.query) if beta else inner
 
-        return self._estimate(free, objective, difference_term)
+        return self._estimate(free, objective, difference_term, self.nudged_tolerance(learner, meta, task, free.params))
 
     def _estimate(
         self,
         free: Phase,
         objective: Callable[[float], Callable[[Params], Tensor]],
         difference_term: Callable[[Phase, float], Tensor],
+        tolerance: Tensor | None,
         direct: Tensor | None = None,
     ) -> TaskEstimate:
         """The surrogate and faults of either nudge.
@@ -262,14 +285,12 @@ class Contrastive(Estimator):
         ``objective(beta)`` is what a nudged phase descends, warm-started from ``phi_0`` with zero velocity;
         ``difference_term(phase, beta)`` is the loss, live in
         ``theta``, at the phase's detached solution whose difference between phases, over ``beta`` (one-sided) or
-        ``2 beta`` (symmetric), is the estimate; ``direct`` (linear nudge) is ``L_query(sg phi_0, theta)``, added
-        once.
+        ``2 beta`` (symmetric), is the estimate; ``tolerance`` stops the nudged phases (:meth:`nudged_tolerance`);
+        ``direct`` (linear nudge) is ``L_query(sg phi_0, theta)``, added once.
         """
 
         def nudged(beta: float) -> Phase:
-            return minimise(
-                objective(beta), free.params, self.nudged_steps, self.nudged_optimizer, tolerance=self.tolerance
-            )
+            return minimise(objective(beta), free.params, self.nudged_steps, self.nudged_optimizer, tolerance=tolerance)
 
         plus = nudged(self.beta)
         # The divergence scale |L_in(phi_0)| + beta |L_query(phi_0)|, with the free phase's last objective for

@@ -34,13 +34,30 @@ CAP = 5000  # generous: every phase here stops on its tolerance long before
 Problem = tuple[ComplexSynapse, dict, torch.Tensor]
 
 
+class Unresolved(Contrastive):
+    """The rule without its nudge resolution: every phase stops at the tolerance alone, so the nudged phases'
+    residual is the tolerance, whose effect on the estimate the law below isolates."""
+
+    NUDGE_RESOLUTION = math.inf
+
+
 def relative_error(beta: float, tolerance: float, problem: Problem) -> float:
+    return relative_error_and_steps(Unresolved, beta, tolerance, problem)[0]
+
+
+def relative_error_and_steps(
+    rule: type[Contrastive], beta: float, tolerance: float, problem: Problem
+) -> tuple[float, dict[str, int]]:
+    """The estimate's relative error to the exact meta-gradient, and the steps of the first task's phases."""
     learner, batch, exact = problem
-    estimator = Contrastive(beta=beta, inner_steps=CAP, nudged_steps=CAP, inner_lr=0.1, tolerance=tolerance)
+    estimator = rule(beta=beta, inner_steps=CAP, nudged_steps=CAP, inner_lr=0.1, tolerance=tolerance)
     grads = meta_gradient(learner, estimator, batch)
     names = beta_scaling.names(grads)
     found = torch.cat([grads[f"{kind}.{name}"].flatten() for kind in ("omega", "lambda") for name in names])
-    return float((found - exact).norm() / exact.norm())
+    (xs, ys), (xq, yq) = batch["train"], batch["test"]
+    first = Task(Split(xs[0], ys[0]), Split(xq[0], yq[0]))
+    steps = estimator.task_estimate(learner, dict(learner.named_meta_parameters()), first).steps
+    return float((found - exact).norm() / exact.norm()), {name: int(count) for name, count in steps.items()}
 
 
 def slope(xs: tuple[float, ...], errors: list[float]) -> float:
@@ -148,24 +165,19 @@ def test_training_logs_steps_and_residuals_and_warns_once_when_phases_end_unsolv
     assert not any("nudged phases" in str(w.message) for w in caught)  # beta 0.05 moves them beyond 1e-2
 
 
-@pytest.mark.parametrize(("solver", "steps_at_start"), [("sgd", 0), ("lbfgs", 1)])
-def test_fit_warns_once_when_the_nudge_is_below_the_tolerance(solver: str, steps_at_start: int) -> None:
-    """A free phase stops just below the tolerance; a nudge of beta 1e-4 leaves the nudged start within it, so the
-    nudged phases take no step and return the free solution: the contrastive difference is then missing, not small."""
-    within = Contrastive(beta=1e-4, inner_steps=2000, nudged_steps=2000, inner_lr=0.02, tolerance=1e-2, solver=solver)
-    with pytest.warns(UserWarning, match=r"nudged phases \(\d+%\) took no step") as caught:
-        run = fit_one_epoch(within, batches=4)
-    assert sum("took no step" in str(w.message) for w in caught) == 1
-    assert float(run.logged_metrics["inner/nudged_pos_steps_max"]) == steps_at_start
-    assert not any("reached their step cap" in str(w.message) for w in caught)
-
-
-def test_a_nudged_phase_capped_at_one_step_is_unsolved_not_idle() -> None:
-    """One nudged step that does not reach the tolerance moved the weights: only the unsolved warning applies."""
-    capped = Contrastive(beta=0.05, inner_steps=2000, nudged_steps=1, inner_lr=0.02, tolerance=1e-2)
-    with pytest.warns(UserWarning, match="reached their step cap") as caught:
-        fit_one_epoch(capped, batches=4)
-    assert not any("took no step" in str(w.message) for w in caught)
+@pytest.mark.parametrize("tolerance", [1e-1, 1e-2])
+@pytest.mark.parametrize("beta", [1e-2, 1e-3])
+def test_the_nudged_phases_resolve_a_nudge_smaller_than_the_tolerance(
+    logistic: Problem, tolerance: float, beta: float
+) -> None:
+    """At a tolerance above the nudge (``beta |dL_query/dphi|``) the nudged phases start within it: stopped on the
+    tolerance alone they take no step, and the estimate loses its contrastive term (relative error 0.72-1.0
+    measured). Stopped also at NUDGE_RESOLUTION of the nudge they resolve it whatever the tolerance (3-8%
+    measured), even from a free phase stopped after 4 steps at 0.1: its residual enters only at second order."""
+    resolved, steps = relative_error_and_steps(Contrastive, beta, tolerance, logistic)
+    assert resolved < Contrastive.NUDGE_RESOLUTION and min(steps["nudged_pos"], steps["nudged_neg"]) > 10
+    unresolved, steps = relative_error_and_steps(Unresolved, beta, tolerance, logistic)
+    assert unresolved > 0.5 and max(steps["nudged_pos"], steps["nudged_neg"]) <= 2
 
 
 def test_implicit_stops_its_inner_phase_by_the_same_rule(logistic: Problem) -> None:

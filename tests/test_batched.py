@@ -79,6 +79,9 @@ ESTIMATORS = {
     "contrastive to a tolerance, full nudge": lambda: Contrastive(
         beta=0.1, inner_steps=60, nudged_steps=40, nudge="full", inner_lr=0.1, tolerance=0.05
     ),
+    "contrastive to a tolerance, L-BFGS": lambda: Contrastive(
+        beta=0.1, inner_steps=30, nudged_steps=20, inner_lr=0.1, tolerance=0.05, solver="lbfgs"
+    ),
     "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
     "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),
     "implicit": lambda: Implicit(inner_steps=4, inner_lr=0.1, cg_steps=5),

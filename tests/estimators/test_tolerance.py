@@ -172,7 +172,7 @@ def test_the_nudged_phases_resolve_a_nudge_smaller_than_the_tolerance(
 ) -> None:
     """At a tolerance above the nudge (``beta |dL_query/dphi|``) the nudged phases start within it: stopped on the
     tolerance alone they take no step, and the estimate loses its contrastive term (relative error 0.72-1.0
-    measured). Stopped also at NUDGE_RESOLUTION of the nudge they resolve it whatever the tolerance (3-8%
+    measured). Stopped also at NUDGE_RESOLUTION of the nudge they resolve it whatever the tolerance (0.7-8%
     measured), even from a free phase stopped after 4 steps at 0.1: its residual enters only at second order."""
     resolved, steps = relative_error_and_steps(Contrastive, beta, tolerance, logistic)
     assert resolved < Contrastive.NUDGE_RESOLUTION and min(steps["nudged_pos"], steps["nudged_neg"]) > 10

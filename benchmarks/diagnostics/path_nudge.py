@@ -75,4 +75,5 @@ class PathForcedNudge(Contrastive):
             return learner.inner_loss(phase.params, meta, task.support)
 
         direct = learner.query_loss(free.params, meta, task.query)  # L_query(sg phi_0, theta), as the linear nudge
-        return self._estimate(free, objective, difference_term, direct)
+        # Its nudged steps follow the free path's forces step by step: a fixed count, never a tolerance.
+        return self._estimate(free, objective, difference_term, direct, tolerance=None)

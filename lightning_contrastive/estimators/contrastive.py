@@ -258,7 +258,7 @@ class Contrastive(Estimator):
         def difference_term(phase: Phase, beta: float) -> Tensor:
             return learner.inner_loss(phase.params, meta, task.support)
 
-        return self._estimate(free, objective, difference_term, self._resolved(query_grad), direct)
+        return self._estimate(free, objective, difference_term, direct, tolerance=self._resolved(query_grad))
 
     def _full_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
         frozen = detached(meta)
@@ -270,15 +270,17 @@ class Contrastive(Estimator):
             inner = learner.inner_loss(phase.params, meta, task.support)
             return inner + beta * learner.query_loss(phase.params, meta, task.query) if beta else inner
 
-        return self._estimate(free, objective, difference_term, self.nudged_tolerance(learner, meta, task, free.params))
+        tolerance = self.nudged_tolerance(learner, meta, task, free.params)
+        return self._estimate(free, objective, difference_term, tolerance=tolerance)
 
     def _estimate(
         self,
         free: Phase,
         objective: Callable[[float], Callable[[Params], Tensor]],
         difference_term: Callable[[Phase, float], Tensor],
-        tolerance: Tensor | None,
         direct: Tensor | None = None,
+        *,
+        tolerance: Tensor | None,
     ) -> TaskEstimate:
         """The surrogate and faults of either nudge.
 

@@ -11,7 +11,7 @@ the estimators whose estimate assumes a solved inner problem (contrastive, impli
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -457,9 +457,9 @@ class _Stopping:
         ``None``. The update counts as a step unless the point is solved."""
         if self.tolerance is None:
             if step == self.cap - 1:
-                self.residual = _norm(grads)
+                self.residual = joint_norm(grads)
             return None
-        self._record(_norm(grads))
+        self._record(joint_norm(grads))
         self.applied = self.applied + (~self.solved).long()
         return (~self.solved).to(self.residual.dtype)
 
@@ -498,7 +498,7 @@ class _Stopping:
         )
 
 
-def _norm(tensors: Sequence[Tensor]) -> Tensor:
+def joint_norm(tensors: Iterable[Tensor]) -> Tensor:
     """The Euclidean norm of a list of tensors taken as one vector (detached)."""
     return torch.stack([t.detach().square().sum() for t in tensors]).sum().sqrt()
 

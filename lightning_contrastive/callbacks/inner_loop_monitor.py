@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_contrastive.callbacks.held_batch import HeldBatchDiagnostic
 from lightning_contrastive.estimation import cast_task, compute_dtype
 from lightning_contrastive.estimators import Contrastive, Estimator
-from lightning_contrastive.inner import InnerLBFGS, InnerSGD, minimise
+from lightning_contrastive.inner import InnerLBFGS, InnerSGD, joint_norm, minimise
 from lightning_contrastive.learners.base import Learner
 from lightning_contrastive.module import MetaLearningModule
 from lightning_contrastive.tasks import Params, split_batch
@@ -99,7 +99,7 @@ def _traced(
     losses += losses[-1:] * (steps - len(losses))  # a phase that stopped when solved stays there
     at_final = {name: p.detach().requires_grad_() for name, p in phase.params.items()}
     residual = torch.autograd.grad(objective(at_final), list(at_final.values()))
-    norm = torch.sqrt(sum(g.square().sum() for g in residual))
+    norm = joint_norm(residual)
     return phase.params, PhaseTrace(losses=torch.stack(losses), residual_grad_norm=norm, steps=phase.steps)  # type: ignore[arg-type]
 
 

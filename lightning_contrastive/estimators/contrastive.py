@@ -17,6 +17,7 @@ from lightning_contrastive.inner import (
     check_steps,
     check_tolerance,
     inside_function_transform,
+    joint_norm,
     minimise,
 )
 from lightning_contrastive.learners.base import Learner
@@ -242,8 +243,7 @@ class Contrastive(Estimator):
         """:meth:`nudged_tolerance` for the query gradient ``g`` at ``phi_0`` (a tensor, per task under ``vmap``)."""
         if self.tolerance is None:
             return None
-        norm = torch.stack([g.detach().square().sum() for g in query_grad.values()]).sum().sqrt()
-        return torch.clamp(self.NUDGE_RESOLUTION * self.beta * norm, max=self.tolerance)
+        return torch.clamp(self.NUDGE_RESOLUTION * self.beta * joint_norm(query_grad.values()), max=self.tolerance)
 
     def _betas(self) -> dict[str, float]:
         return {"nudged_pos": self.beta, **({"nudged_neg": -self.beta} if self.symmetric else {})}

@@ -82,6 +82,12 @@ ESTIMATORS = {
     "contrastive to a tolerance, L-BFGS": lambda: Contrastive(
         beta=0.1, inner_steps=30, nudged_steps=20, inner_lr=0.1, tolerance=0.05, solver="lbfgs"
     ),
+    "contrastive to a tolerance, free residual cancelled": lambda: Contrastive(
+        beta=0.1, inner_steps=60, nudged_steps=40, inner_lr=0.1, tolerance=0.05, cancel_free_residual=True
+    ),
+    "contrastive, full nudge, free residual cancelled": lambda: Contrastive(
+        inner_steps=4, nudged_steps=3, nudge="full", cancel_free_residual=True
+    ),
     "maml": lambda: MAML(inner_steps=4, inner_lr=0.1),
     "first-order maml": lambda: FirstOrderMAML(inner_steps=4, inner_lr=0.1),
     "implicit": lambda: Implicit(inner_steps=4, inner_lr=0.1, cg_steps=5),

@@ -97,7 +97,8 @@ class Contrastive(Estimator):
             :attr:`NUDGE_RESOLUTION` ``beta |g|`` (``g = dL_query/dphi`` at ``phi_0``, per task): a nudge smaller
             than the tolerance is still resolved, where a nudged phase that starts within ``tolerance`` would take
             no step and drop its term of the difference. The free phase's residual enters the symmetric estimate
-            only at second order (both nudged phases solve their own problems wherever they start).
+            only at second order (both nudged phases solve their own problems wherever they start), or not at all
+            with ``cancel_free_residual``.
             Steps used, residuals and unsolved phases are logged (``inner/<phase>_steps``, ``..._residual``).
             Not with ``query_subsample``, whose random subsets keep the nudged gradient from settling.
         solver: ``"sgd"`` (default): momentum SGD (``inner_lr``, ``inner_momentum``) in every phase; ``"lbfgs"``:
@@ -109,6 +110,15 @@ class Contrastive(Estimator):
             on the smooth Omniglot Conv4 its nudged phases went 2-5x farther from ``phi_0`` than SGD's and the
             ``-beta`` one did not reach the tolerance (``docs/results/solvability.md``), so SGD stays the default.
             Not with ``query_subsample`` (a line search needs one objective).
+        cancel_free_residual: subtract the free phase's residual gradient ``r = dL_in/dphi(phi_0)`` from every
+            nudged objective, which then descends ``objective(phi) - <r, phi - phi_0>``. Its solution at
+            ``beta = 0`` is ``phi_0`` itself, so the nudged phases resolve only their response to the nudge, not
+            the rest of the free solve, and the estimate is the implicit gradient at ``phi_0`` (what
+            :class:`~lightning_contrastive.Implicit` computes there) up to the rule's bias in beta, however far
+            from solved the free phase ended; with a tolerance a nudged phase then starts exactly ``beta |g|`` from
+            solved (linear nudge). Costs one gradient evaluation of ``L_in`` per task. ``False`` (default) keeps
+            the paper's rule, whose nudged phases also finish the free solve: the estimate then targets the inner
+            solution, which they reach only as far as their steps allow.
         free_steps: deprecated alias of ``inner_steps`` (its former name), accepted for one release with a
             ``DeprecationWarning``; passing both with different values is a ``ValueError``. Pass ``inner_steps``.
     """
@@ -134,6 +144,7 @@ class Contrastive(Estimator):
         precision: Precision = "float32",
         tolerance: float | None = None,
         solver: Solver = "sgd",
+        cancel_free_residual: bool = False,
         free_steps: int | None = None,  # when removed: configs and checkpoints saved meanwhile hold free_steps: null
     ) -> None:
         super().__init__(inner_lr, inner_momentum, solver)
@@ -178,6 +189,7 @@ class Contrastive(Estimator):
         self.divergence_ratio = float(divergence_ratio)
         self.precision = precision
         self.tolerance = None if tolerance is None else float(tolerance)
+        self.cancel_free_residual = cancel_free_residual
 
     @property
     def adaptation_steps(self) -> int:
@@ -219,15 +231,18 @@ class Contrastive(Estimator):
         (:class:`~lightning_contrastive.callbacks.InnerLoopMonitor`); :meth:`task_estimate` builds the same ones.
         """
         frozen = detached(meta)
+        shift = self._free_residual(learner, frozen, task, origin)
         if self.nudge == "linear":
             query_grad, _ = _query_gradient(learner, frozen, origin, task.query)
             return {
-                name: _linear_objective(learner, frozen, task.support, origin, query_grad, beta)
+                name: _shifted(
+                    _linear_objective(learner, frozen, task.support, origin, query_grad, beta), shift, origin
+                )
                 for name, beta in self._betas().items()
             }
         every_query = itertools.repeat(task.query)
         return {
-            name: _full_objective(learner, frozen, task.support, every_query, beta)
+            name: _shifted(_full_objective(learner, frozen, task.support, every_query, beta), shift, origin)
             for name, beta in self._betas().items()
         }
 
@@ -245,15 +260,28 @@ class Contrastive(Estimator):
             return None
         return torch.clamp(self.NUDGE_RESOLUTION * self.beta * joint_norm(query_grad.values()), max=self.tolerance)
 
+    def _free_residual(self, learner: Learner, meta: Params, task: Task, origin: Params) -> Params | None:
+        """``r = dL_in/dphi(phi_0)`` (detached) when ``cancel_free_residual``, else ``None``."""
+        if not self.cancel_free_residual:
+            return None
+        with torch.enable_grad():
+            gradient = torch.func.grad(lambda phi: learner.inner_loss(phi, detached(meta), task.support))(
+                detached(origin)
+            )
+        return detached(gradient)
+
     def _betas(self) -> dict[str, float]:
         return {"nudged_pos": self.beta, **({"nudged_neg": -self.beta} if self.symmetric else {})}
 
     def _linear_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
         frozen = detached(meta)
         query_grad, direct = _query_gradient(learner, meta, free.params, task.query)
+        shift = self._free_residual(learner, frozen, task, free.params)
 
         def objective(beta: float) -> Callable[[Params], Tensor]:
-            return _linear_objective(learner, frozen, task.support, free.params, query_grad, beta)
+            return _shifted(
+                _linear_objective(learner, frozen, task.support, free.params, query_grad, beta), shift, free.params
+            )
 
         def difference_term(phase: Phase, beta: float) -> Tensor:
             return learner.inner_loss(phase.params, meta, task.support)
@@ -262,9 +290,11 @@ class Contrastive(Estimator):
 
     def _full_nudge(self, learner: Learner, meta: Params, task: Task, free: Phase) -> TaskEstimate:
         frozen = detached(meta)
+        shift = self._free_residual(learner, frozen, task, free.params)
 
         def objective(beta: float) -> Callable[[Params], Tensor]:
-            return _full_objective(learner, frozen, task.support, self._nudged_queries(task.query), beta)
+            queries = self._nudged_queries(task.query)
+            return _shifted(_full_objective(learner, frozen, task.support, queries, beta), shift, free.params)
 
         def difference_term(phase: Phase, beta: float) -> Tensor:
             inner = learner.inner_loss(phase.params, meta, task.support)
@@ -331,11 +361,7 @@ def _linear_objective(
 ) -> Callable[[Params], Tensor]:
     """``phi -> L_in(phi, meta) + beta <g, phi - phi_0>``: the linear nudge's phase objective (no query set in it)."""
 
-    def objective(fast: Params) -> Tensor:
-        pull = sum((query_grad[name] * (p - origin[name])).sum() for name, p in fast.items())
-        return learner.inner_loss(fast, meta, support) + beta * pull
-
-    return objective
+    return lambda fast: learner.inner_loss(fast, meta, support) + beta * _displacement(query_grad, fast, origin)
 
 
 def _full_objective(
@@ -343,6 +369,18 @@ def _full_objective(
 ) -> Callable[[Params], Tensor]:
     """``phi -> L_in(phi, meta) + beta L_query(phi, meta)``, each call on the next query set of ``queries``."""
     return lambda fast: learner.inner_loss(fast, meta, support) + beta * learner.query_loss(fast, meta, next(queries))
+
+
+def _shifted(objective: Callable[[Params], Tensor], shift: Params | None, origin: Params) -> Callable[[Params], Tensor]:
+    """``phi -> objective(phi) - <shift, phi - phi_0>`` (``objective`` itself when ``shift`` is ``None``)."""
+    if shift is None:
+        return objective
+    return lambda fast: objective(fast) - _displacement(shift, fast, origin)
+
+
+def _displacement(direction: Params, fast: Params, origin: Params) -> Tensor:
+    """``<direction, phi - phi_0>`` over every fast parameter."""
+    return sum((direction[name] * (p - origin[name])).sum() for name, p in fast.items())
 
 
 def _query_gradient(learner: Learner, meta: Params, fast: Params, query: Split) -> tuple[Params, Tensor]:

@@ -63,8 +63,9 @@ class Contrastive(Estimator):
     + L_query(sg phi_0, theta)`` for the symmetric linear nudge, so that ``dS/dtheta`` is the estimate.
 
     Cost: ``inner_steps + nudged_steps`` (one-sided) or ``inner_steps + 2 nudged_steps`` (symmetric)
-    first-order steps, or fewer where the phases reach ``tolerance``, plus one query pass (linear); memory is that
-    of one forward and backward pass, whatever the number of steps.
+    first-order steps, or fewer where the phases reach ``tolerance``, plus one query pass (linear) and one ``L_in``
+    gradient (``cancel_free_residual``); memory is that of one forward and backward pass, whatever the number of
+    steps.
 
     Args:
         beta: nudging strength, > 0.

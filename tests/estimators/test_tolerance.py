@@ -215,6 +215,24 @@ def test_cancelling_the_free_residual_gives_the_implicit_gradient_where_the_free
     assert 2 * cancelled_steps["nudged_pos"] < paper_steps["nudged_pos"], (cancelled_steps, paper_steps)
 
 
+def test_with_the_free_residual_cancelled_each_nudged_objective_starts_at_exactly_its_nudge(logistic: Problem) -> None:
+    """At ``phi_0`` the linear nudge's objective has gradient ``r + beta g`` (``r`` the free phase's residual, ``g``
+    the query gradient); with ``r`` cancelled it is ``beta g``, what :class:`InnerLoopMonitor` then shows."""
+    learner, batch, _ = logistic
+    meta, task = dict(learner.named_meta_parameters()), first_task(batch)
+    rule = Contrastive(beta=0.01, inner_steps=3, inner_lr=0.1, cancel_free_residual=True)
+    origin = rule.adapt(learner, meta, task.support).params
+    detached = {name: p.detach() for name, p in meta.items()}
+    residual = torch.func.grad(lambda phi: learner.inner_loss(phi, detached, task.support))(origin)
+    query = torch.func.grad(lambda phi: learner.query_loss(phi, detached, task.query))(origin)
+    for name, objective in rule.nudged_objectives(learner, meta, task, origin).items():
+        sign = 1.0 if name == "nudged_pos" else -1.0
+        gradient = torch.func.grad(objective)(origin)
+        for key in origin:
+            torch.testing.assert_close(gradient[key], sign * 0.01 * query[key], rtol=1e-10, atol=1e-12)
+    assert float(torch.cat([r.flatten() for r in residual.values()]).norm()) > 0.1  # a residual was cancelled
+
+
 def test_implicit_stops_its_inner_phase_by_the_same_rule(logistic: Problem) -> None:
     learner, batch, exact = logistic
     for tolerance, bound in ((1e-3, 1e-1), (1e-9, 1e-7)):

@@ -44,6 +44,11 @@ class PathForcedNudge(Contrastive):
     batchable = False  # it records the path in a Python list; the agreement section runs one task
 
     def __init__(self, **settings: Any) -> None:
+        if settings.get("cancel_free_residual"):
+            raise ValueError(
+                "PathForcedNudge builds its own nudged objectives along the free path, without the free residual's "
+                "cancellation: drop cancel_free_residual."
+            )
         super().__init__(nudge="linear", **settings)
 
     def free_path(self, learner: Learner, meta: Params, task: Task, origin: Params) -> list[Params]:

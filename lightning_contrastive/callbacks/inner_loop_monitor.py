@@ -42,9 +42,10 @@ def trace_inner_phases(learner: Learner, estimator: Estimator, batch: Mapping[st
 
     The phases are the estimator's own: for :class:`~lightning_contrastive.Contrastive` the free phase
     (``inner_steps`` on ``L_in``) and the nudged phase(s) (``nudged_steps`` on ``Contrastive.nudged_objectives``:
-    ``L_in +- beta <g, phi - phi_0>`` for the linear nudge, ``L_in +- beta L_query`` for the full one,
-    warm-started from the free solution), named ``free``, ``nudged_pos``, ``nudged_neg``; for any other
-    estimator the adaptation phase (``adaptation_steps`` on ``L_in``), named ``free``. Each runs with the
+    ``L_in +- beta <g, phi - phi_0>`` for the linear nudge, ``L_in +- beta L_query`` for the full one, each minus
+    ``<r, phi - phi_0>`` with ``Contrastive(cancel_free_residual=True)``, warm-started from the free solution),
+    named ``free``, ``nudged_pos``, ``nudged_neg``; for any other estimator the adaptation phase
+    (``adaptation_steps`` on ``L_in``), named ``free``. Each runs with the
     estimator's inner optimizer through the engine's :func:`~lightning_contrastive.inner.minimise` at the
     detached meta-parameters, in the estimator's compute dtype, so its values are those of training (except with
     ``Contrastive(query_subsample=...)``, whose nudged steps see random subsets of the queries: here they see all
@@ -118,7 +119,8 @@ class InnerLoopMonitor(HeldBatchDiagnostic):
       ``tolerance`` stopped it (the module logs both for every training batch too: ``inner/<phase>_steps``,
       ``inner/<phase>_residual``);
     - ``inner/free_residual_over_beta`` (contrastive estimators): the free residual divided by ``beta``, the
-      size of the error it causes up to a constant;
+      size of the error it causes up to a constant (with ``cancel_free_residual`` the error it causes is instead
+      that of the implicit gradient at ``phi_0`` rather than at the solution);
     - with a W&B logger, ``inner/loss_curve``: a line plot of each phase's objective against the inner step
       (nudged phases continue from the free phase's last step).
 

@@ -98,8 +98,9 @@ class Contrastive(Estimator):
             :attr:`NUDGE_RESOLUTION` ``beta |g|`` (``g = dL_query/dphi`` at ``phi_0``, per task): a nudge smaller
             than the tolerance is still resolved, where a nudged phase that starts within ``tolerance`` would take
             no step and drop its term of the difference. The free phase's residual enters the symmetric estimate
-            only at second order (both nudged phases solve their own problems wherever they start), or not at all
-            with ``cancel_free_residual``.
+            only at second order (both nudged phases solve their own problems wherever they start); with
+            ``cancel_free_residual`` the nudged phases ignore it, and it moves only the point (``phi_0``) whose
+            implicit gradient is estimated.
             Steps used, residuals and unsolved phases are logged (``inner/<phase>_steps``, ``..._residual``).
             Not with ``query_subsample``, whose random subsets keep the nudged gradient from settling.
         solver: ``"sgd"`` (default): momentum SGD (``inner_lr``, ``inner_momentum``) in every phase; ``"lbfgs"``:
@@ -116,10 +117,10 @@ class Contrastive(Estimator):
             ``beta = 0`` is ``phi_0`` itself, so the nudged phases resolve only their response to the nudge, not
             the rest of the free solve, and the estimate is the implicit gradient at ``phi_0`` (what
             :class:`~lightning_contrastive.Implicit` computes there) up to the rule's bias in beta, however far
-            from solved the free phase ended; with a tolerance a nudged phase then starts exactly ``beta |g|`` from
-            solved (linear nudge). Costs one gradient evaluation of ``L_in`` per task. ``False`` (default) keeps
-            the paper's rule, whose nudged phases also finish the free solve: the estimate then targets the inner
-            solution, which they reach only as far as their steps allow.
+            from solved the free phase ended; a nudged phase then starts at a residual of exactly ``beta |g|``
+            (either nudge, ``g = dL_query/dphi(phi_0)``). Costs one gradient evaluation of ``L_in`` per task.
+            ``False`` (default) keeps the paper's rule, whose nudged phases also finish the free solve: the
+            estimate then targets the inner solution, which they reach only as far as their steps allow.
         free_steps: deprecated alias of ``inner_steps`` (its former name), accepted for one release with a
             ``DeprecationWarning``; passing both with different values is a ``ValueError``. Pass ``inner_steps``.
     """
@@ -262,13 +263,11 @@ class Contrastive(Estimator):
         return torch.clamp(self.NUDGE_RESOLUTION * self.beta * joint_norm(query_grad.values()), max=self.tolerance)
 
     def _free_residual(self, learner: Learner, meta: Params, task: Task, origin: Params) -> Params | None:
-        """``r = dL_in/dphi(phi_0)`` (detached) when ``cancel_free_residual``, else ``None``."""
+        """``r = dL_in/dphi(phi_0)`` (detached) at the detached ``meta``, when ``cancel_free_residual``."""
         if not self.cancel_free_residual:
             return None
         with torch.enable_grad():
-            gradient = torch.func.grad(lambda phi: learner.inner_loss(phi, detached(meta), task.support))(
-                detached(origin)
-            )
+            gradient = torch.func.grad(lambda phi: learner.inner_loss(phi, meta, task.support))(detached(origin))
         return detached(gradient)
 
     def _betas(self) -> dict[str, float]:
@@ -362,7 +361,12 @@ def _linear_objective(
 ) -> Callable[[Params], Tensor]:
     """``phi -> L_in(phi, meta) + beta <g, phi - phi_0>``: the linear nudge's phase objective (no query set in it)."""
 
-    return lambda fast: learner.inner_loss(fast, meta, support) + beta * _displacement(query_grad, fast, origin)
+    def objective(fast: Params) -> Tensor:
+        # The nudge first: the order in which autograd accumulates the terms' gradients sets their last bits.
+        pull = _displacement(query_grad, fast, origin)
+        return learner.inner_loss(fast, meta, support) + beta * pull
+
+    return objective
 
 
 def _full_objective(

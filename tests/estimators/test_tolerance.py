@@ -186,8 +186,9 @@ def test_the_nudged_phases_resolve_a_nudge_smaller_than_the_tolerance(
     assert unresolved > 0.5 and max(steps["nudged_pos"], steps["nudged_neg"]) <= 2
 
 
+@pytest.mark.parametrize("nudge", ["linear", "full"])
 def test_cancelling_the_free_residual_gives_the_implicit_gradient_where_the_free_phase_stopped(
-    logistic: Problem,
+    logistic: Problem, nudge: str
 ) -> None:
     """A free phase stopped unsolved (3 steps, residual 0.25). With ``cancel_free_residual`` the nudged phases
     solved to 1e-8 give Implicit's estimate at the same ``phi_0`` (relative difference 2.5e-6 measured: the beta^2
@@ -198,7 +199,13 @@ def test_cancelling_the_free_residual_gives_the_implicit_gradient_where_the_free
 
     def estimate(cancel: bool, tolerance: float) -> tuple[torch.Tensor, dict[str, int]]:
         rule = Contrastive(
-            beta=0.01, inner_steps=3, nudged_steps=CAP, inner_lr=0.1, tolerance=tolerance, cancel_free_residual=cancel
+            beta=0.01,
+            inner_steps=3,
+            nudged_steps=CAP,
+            inner_lr=0.1,
+            nudge=nudge,
+            tolerance=tolerance,
+            cancel_free_residual=cancel,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the free phase ends unsolved by design
@@ -215,12 +222,15 @@ def test_cancelling_the_free_residual_gives_the_implicit_gradient_where_the_free
     assert 2 * cancelled_steps["nudged_pos"] < paper_steps["nudged_pos"], (cancelled_steps, paper_steps)
 
 
-def test_with_the_free_residual_cancelled_each_nudged_objective_starts_at_exactly_its_nudge(logistic: Problem) -> None:
-    """At ``phi_0`` the linear nudge's objective has gradient ``r + beta g`` (``r`` the free phase's residual, ``g``
+@pytest.mark.parametrize("nudge", ["linear", "full"])
+def test_with_the_free_residual_cancelled_each_nudged_objective_starts_at_exactly_its_nudge(
+    logistic: Problem, nudge: str
+) -> None:
+    """At ``phi_0`` either nudge's objective has gradient ``r + beta g`` (``r`` the free phase's residual, ``g``
     the query gradient); with ``r`` cancelled it is ``beta g``, what :class:`InnerLoopMonitor` then shows."""
     learner, batch, _ = logistic
     meta, task = dict(learner.named_meta_parameters()), first_task(batch)
-    rule = Contrastive(beta=0.01, inner_steps=3, inner_lr=0.1, cancel_free_residual=True)
+    rule = Contrastive(beta=0.01, inner_steps=3, inner_lr=0.1, nudge=nudge, cancel_free_residual=True)
     origin = rule.adapt(learner, meta, task.support).params
     detached = {name: p.detach() for name, p in meta.items()}
     residual = torch.func.grad(lambda phi: learner.inner_loss(phi, detached, task.support))(origin)
